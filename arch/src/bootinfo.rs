@@ -55,8 +55,10 @@ pub fn zero_page(
     cmdline_len: usize,
     initrd: Option<Initrd>,
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = kernel_header.unwrap_or_default();
+    let mut params = boot_params {
+        hdr: kernel_header.unwrap_or_default(),
+        ..Default::default()
+    };
     let hdr = &mut params.hdr;
     hdr.boot_flag = BOOT_FLAG;
     hdr.header = HDRS_MAGIC;
@@ -240,7 +242,11 @@ mod tests {
             .unwrap();
         assert_eq!((e.addr, e.size, e.type_), (MIB, 31 * MIB, 1));
         // The structures must not overlap each other.
-        assert!(PVH_MODLIST_START >= PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64);
-        assert!(PVH_MEMMAP_START >= PVH_MODLIST_START + 32);
+        const {
+            assert!(
+                PVH_MODLIST_START >= PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64
+            );
+            assert!(PVH_MEMMAP_START >= PVH_MODLIST_START + 32);
+        }
     }
 }

@@ -46,7 +46,7 @@ pub fn write_gdt<M: GuestMemory>(mem: &M) -> Result<(u64, u16)> {
 
 /// The hidden part of a segment register as KVM wants it, from a descriptor.
 pub fn segment_from_descriptor(selector: u16, entry: u64) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granularity = ((entry >> 55) & 1) as u8;
     // With 4 KiB granularity the limit counts pages; KVM wants it in bytes.

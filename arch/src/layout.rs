@@ -84,7 +84,7 @@ impl GuestLayout {
                 why: "the minimum is 4 MiB",
             });
         }
-        if mem_size % (4 * KIB) != 0 {
+        if !mem_size.is_multiple_of(4 * KIB) {
             return Err(Error::MemorySize {
                 size: mem_size,
                 why: "it must be a multiple of 4 KiB",
