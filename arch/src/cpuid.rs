@@ -3,7 +3,7 @@
 //! The topology we present: one socket, `count` cores, one thread per core,
 //! APIC ID = vCPU index. Every leaf that describes the topology says the same.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
 /// KVM's paravirtual feature leaf and the features in it that the guest can
 /// only use by making hypercalls (`vmcall`/`vmmcall`).
@@ -46,8 +46,46 @@ fn id_bits(count: u8) -> u32 {
         .map_or(0, |b| b + 1)
 }
 
+/// Makes sure the extended topology leaf 0xB has its SMT, core and
+/// terminating subleaves when the maximum basic leaf includes it (KVM on AMD
+/// reports only subleaf 0).
+fn add_topology_subleaves(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let max_basic = entries
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax);
+    if max_basic < 0xb {
+        return;
+    }
+    for index in 0..3 {
+        if !entries
+            .iter()
+            .any(|e| e.function == 0xb && e.index == index)
+        {
+            entries.push(kvm_cpuid_entry2 {
+                function: 0xb,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Sharing field (EAX[25:14], "logical CPUs sharing this cache - 1") of a
+/// cache descriptor in leaf 4 or 0x8000_001D: the last level is shared by all.
+fn cache_sharing(eax: u32, count: u32) -> u32 {
+    if eax & 0x1f == 0 {
+        return eax; // no cache: the end of the list
+    }
+    let level = (eax >> 5) & 0x7;
+    let sharing = if level >= 3 { count - 1 } else { 0 };
+    (eax & !(0xfff << 14)) | ((sharing & 0xfff) << 14)
+}
+
 /// Rewrites the entries (as returned by `KVM_GET_SUPPORTED_CPUID`) for one vCPU.
-pub fn configure_cpuid(entries: &mut [kvm_cpuid_entry2], cfg: CpuidConfig) {
+pub fn configure_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, cfg: CpuidConfig) {
+    add_topology_subleaves(entries);
     let apic_id = u32::from(cfg.index);
     let count = u32::from(cfg.count);
     for e in entries.iter_mut() {
@@ -61,13 +99,11 @@ pub fn configure_cpuid(entries: &mut [kvm_cpuid_entry2], cfg: CpuidConfig) {
                     e.edx &= !LEAF1_EDX_HTT;
                 }
             }
-            0x4 => {
-                // Deterministic cache parameters (Intel): cores per package in
-                // EAX[31:26]; the last level is shared by all cores.
-                let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { count - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
+            0x4 if e.eax & 0x1f != 0 => {
+                // Deterministic cache parameters (Intel): cores per package in EAX[31:26].
+                e.eax = (cache_sharing(e.eax, count) & 0x03ff_ffff) | (((count - 1) & 0x3f) << 26);
             }
+            0x8000_001d => e.eax = cache_sharing(e.eax, count),
             0xb | 0x1f => {
                 // Extended topology: SMT level (1 thread), then the core level.
                 e.edx = apic_id;
@@ -141,6 +177,10 @@ mod tests {
 
     fn sample() -> Vec<kvm_cpuid_entry2> {
         vec![
+            kvm_cpuid_entry2 {
+                eax: 0xd,
+                ..entry(0x0, 0)
+            },
             entry(0x1, 0),
             kvm_cpuid_entry2 {
                 eax: 0x0000_0063, // level 3 unified cache
@@ -155,6 +195,10 @@ mod tests {
             entry(0xb, 2),
             entry(KVM_CPUID_FEATURES, 0),
             entry(0x8000_0008, 0),
+            kvm_cpuid_entry2 {
+                eax: 0x0000_0163, // level 3 unified cache
+                ..entry(0x8000_001d, 3)
+            },
             entry(0x8000_001e, 0),
         ]
     }
@@ -194,6 +238,8 @@ mod tests {
         assert_eq!((find(&e, 4, 0).eax >> 14) & 0xfff, 0);
         assert_eq!(find(&e, 0x8000_0008, 0).ecx & 0xf0ff, 0x2003);
         assert_eq!(find(&e, 0x8000_001e, 0).eax, 2);
+        assert_eq!((find(&e, 0x8000_001d, 3).eax >> 14) & 0xfff, 3);
+        assert_eq!(find(&e, 0x8000_001d, 3).eax & 0x3fff, 0x163);
         let kvm = find(&e, KVM_CPUID_FEATURES, 0);
         for bit in HYPERCALL_FEATURES {
             assert_eq!(kvm.eax & (1 << bit), 0);
@@ -215,5 +261,39 @@ mod tests {
         assert_eq!(find(&e, 1, 0).edx & LEAF1_EDX_HTT, 0);
         assert_eq!(find(&e, 0xb, 1).eax, 0);
         assert_eq!(find(&e, KVM_CPUID_FEATURES, 0).eax, 0xffff_ffff);
+    }
+
+    #[test]
+    fn missing_topology_subleaves_are_added() {
+        let mut e = vec![
+            kvm_cpuid_entry2 {
+                eax: 0x10,
+                ..entry(0x0, 0)
+            },
+            entry(0xb, 0),
+        ];
+        configure_cpuid(
+            &mut e,
+            CpuidConfig {
+                index: 3,
+                count: 4,
+                pv_hypercalls: false,
+            },
+        );
+        assert_eq!(e.len(), 4);
+        let core = find(&e, 0xb, 1);
+        assert_eq!((core.ebx, core.edx, core.flags), (4, 3, 1));
+        // A CPU without leaf 0xB gets none.
+        let mut e = vec![entry(0x0, 0)];
+        e[0].eax = 0x7;
+        configure_cpuid(
+            &mut e,
+            CpuidConfig {
+                index: 0,
+                count: 2,
+                pv_hypercalls: false,
+            },
+        );
+        assert_eq!(e.len(), 1);
     }
 }

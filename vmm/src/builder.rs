@@ -1,0 +1,278 @@
+//! The one place where a VM is assembled from a [`VmConfig`]: KVM, guest
+//! memory, kernel and initrd, boot structures, devices and vCPUs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use arch::GuestLayout;
+use arch::bootinfo::{write_cmdline, write_pvh_start_info, write_zero_page, zero_page};
+use arch::cpuid::CpuidConfig;
+use arch::gdt::write_gdt;
+use arch::layout::CMDLINE_MAX_SIZE;
+use arch::mptable::{MAX_VCPUS, write_mptable};
+use arch::paging::write_identity_page_tables;
+use devices::Bus;
+use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
+use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{PvHypercalls, SerialConfig, VmConfig, format_size};
+use crate::exit::ExitState;
+use crate::host;
+use crate::loader::{self, KernelFormat, LoaderError};
+use crate::vcpu::{BootState, Vcpu, VcpuError};
+use crate::vm::{Console, Vm};
+
+/// Where KVM keeps the real-mode TSS it needs on Intel (three pages, in the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApiVersion(i32),
+    #[error("KVM cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} vCPUs requested, but this host's KVM supports at most {1}")]
+    TooManyVcpus(u8, usize),
+    #[error("{0} vCPUs requested, ligera supports at most {MAX_VCPUS}")]
+    VcpuLimit(u8),
+    #[error("--memory {}: {source}", format_size(*.size))]
+    Layout { size: u64, source: arch::Error },
+    #[error("--memory {}: more than this host's {} of RAM", format_size(*.size), format_size(*.host))]
+    MemoryExceedsHost { size: u64, host: u64 },
+    #[error("cannot allocate {} of guest memory: {reason}", format_size(*.size))]
+    GuestMemory { size: u64, reason: String },
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("cannot write boot data: {0}")]
+    Boot(arch::Error),
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an event fd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(#[from] devices::bus::BusError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+type Result<T> = std::result::Result<T, BuildError>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// Builds a VM ready to run.
+pub fn build(config: &VmConfig) -> Result<Vm> {
+    if u32::from(config.vcpus) > MAX_VCPUS || config.vcpus == 0 {
+        return Err(BuildError::VcpuLimit(config.vcpus));
+    }
+    let layout = GuestLayout::new(config.mem_size).map_err(|source| BuildError::Layout {
+        size: config.mem_size,
+        source,
+    })?;
+    if let Ok(host) = host::host_ram()
+        && config.mem_size > host
+    {
+        return Err(BuildError::MemoryExceedsHost {
+            size: config.mem_size,
+            host,
+        });
+    }
+
+    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+    if kvm.get_api_version() != 12 {
+        return Err(BuildError::KvmApiVersion(kvm.get_api_version()));
+    }
+    if usize::from(config.vcpus) > kvm.get_max_vcpus() {
+        return Err(BuildError::TooManyVcpus(config.vcpus, kvm.get_max_vcpus()));
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+
+    let mem = create_guest_memory(&vm, &layout)?;
+
+    // Kernel, initrd and command line.
+    let kernel = loader::load_kernel(&mem, &layout, &config.kernel)?;
+    log::info!(
+        "kernel {}: {:?}, entry {:#x}, ends at {:#x}",
+        config.kernel.display(),
+        kernel.format,
+        kernel.entry,
+        kernel.end
+    );
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(&mem, &layout, path, &kernel)?),
+        None => None,
+    };
+    let cmdline = kernel_cmdline(config);
+    let cmdline_max = kernel
+        .setup_header
+        .map_or(CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize + 1);
+    write_cmdline(&mem, &cmdline, cmdline_max).map_err(BuildError::Boot)?;
+    log::info!("kernel command line: {cmdline}");
+
+    // Boot structures.
+    write_mptable(&mem, u32::from(config.vcpus)).map_err(BuildError::Boot)?;
+    let gdt = write_gdt(&mem).map_err(BuildError::Boot)?;
+    let cr3 = write_identity_page_tables(&mem).map_err(BuildError::Boot)?;
+    let boot_info = match kernel.format {
+        KernelFormat::ElfPvh => write_pvh_start_info(&mem, &layout, initrd),
+        KernelFormat::Elf | KernelFormat::BzImage => write_zero_page(
+            &mem,
+            &zero_page(&layout, kernel.setup_header, cmdline.len(), initrd),
+        ),
+    }
+    .map_err(BuildError::Boot)?;
+    let boot = BootState {
+        entry: kernel.entry_point(boot_info),
+        gdt,
+        cr3,
+    };
+
+    // Devices.
+    let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("connect the serial interrupt"))?;
+    // Blocking: the console input thread sleeps on it while the FIFO is full.
+    let input_space = EventFd::new(0).map_err(BuildError::EventFd)?;
+    let out: Box<dyn Write + Send> = match &config.serial {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+        SerialConfig::None => Box::new(std::io::sink()),
+    };
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        input_space.try_clone().map_err(BuildError::EventFd)?,
+        out,
+    )));
+    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+        PVPANIC_PORT,
+        1,
+    )?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    // vCPUs.
+    let pv_hypercalls = match config.pv_hypercalls {
+        PvHypercalls::On => true,
+        PvHypercalls::Off => false,
+        PvHypercalls::Auto => !host::is_emulating_nested_host(),
+    };
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report the supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(
+            &vm,
+            index,
+            pio.clone(),
+            mmio.clone(),
+            mem.clone(),
+            exit.clone(),
+        )?;
+        let cpuid = CpuidConfig {
+            index,
+            count: config.vcpus,
+            pv_hypercalls,
+        };
+        vcpu.configure(&supported_cpuid, cpuid, (index == 0).then_some(&boot))?;
+        vcpus.push(vcpu);
+    }
+
+    let console = match config.serial {
+        SerialConfig::Stdio => Some(Console {
+            serial,
+            input_space,
+        }),
+        _ => None,
+    };
+    Ok(Vm::new(kvm, vm, mem, vcpus, exit, console))
+}
+
+/// The command line the guest gets: the configured one, plus the workarounds
+/// for an emulating nested host when running on one.
+fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut cmdline = config.cmdline.trim().to_string();
+    if config.host_quirks && host::is_emulating_nested_host() {
+        log::info!("nested kvm_pvm host: adding guest workarounds to the command line");
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(host::EMULATING_HOST_CMDLINE);
+    }
+    cmdline
+}
+
+/// Maps guest RAM (lazily: pages cost host memory only once touched) and
+/// gives it to KVM.
+fn create_guest_memory(vm: &VmFd, layout: &GuestLayout) -> Result<arch::GuestMemoryMmap> {
+    let ranges: Vec<_> = layout
+        .ram_regions()
+        .into_iter()
+        .map(|(start, len)| (start, len as usize))
+        .collect();
+    let mem = arch::GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::GuestMemory {
+        size: layout.mem_size(),
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr =
+            mem.get_host_address(region.start_addr())
+                .map_err(|e| BuildError::GuestMemory {
+                    size: layout.mem_size(),
+                    reason: e.to_string(),
+                })?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `mem`, which the VM keeps alive for as
+        // long as the VM fd exists (both live in `Vm`, and the VM fd is dropped first).
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(mem)
+}

@@ -1,0 +1,205 @@
+//! The `ligera` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    DEFAULT_CMDLINE, PvHypercalls, SerialConfig, VmConfig, format_size, parse_size,
+};
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  ligera run --kernel vmlinux --initrd initramfs.cpio
+  ligera run --kernel bzImage --cpus 2 --memory 512M --cmdline \"console=ttyS0 reboot=k panic=1\"
+  ligera run --kernel vmlinux --serial file=console.log
+
+Exit status:
+  0    the guest rebooted (reset through the keyboard controller, e.g. reboot=k)
+  1    ligera failed (bad input, KVM error)
+  2    bad command line
+  3    the guest kernel panicked (reported through the pvpanic port)
+  4    the guest triple-faulted (KVM shutdown exit)
+  5    KVM could not run guest code (internal error or failed VM entry)
+  128+N  stopped by signal N (130 for Ctrl-C/SIGINT, 143 for SIGTERM)";
+
+/// ligera: a microVM monitor on Linux KVM.
+#[derive(Debug, Parser)]
+#[command(name = "ligera", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL",
+          value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel in a new microVM and run it until it reboots.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnOffAuto {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Guest kernel: ELF vmlinux (64-bit or PVH entry) or bzImage, detected from its content.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial RAM disk, placed at the top of low guest RAM.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line, replacing the default.
+    #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub cpus: u8,
+
+    /// Guest RAM: 512M, 2G, or a plain number of MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Serial console: stdio, file=PATH or none.
+    #[arg(long, value_name = "WHERE", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialConfig,
+
+    /// Offer KVM's hypercall-based paravirtual features (PV IPI, PV TLB flush,
+    /// PV sched-yield, PV unhalt). auto: on, except on hosts whose KVM does not
+    /// complete hypercalls (the nested kvm_pvm host).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub pv_hypercalls: OnOffAuto,
+
+    /// Don't add the guest workarounds for an emulating nested host (kvm_pvm)
+    /// to the kernel command line.
+    #[arg(long)]
+    pub no_host_quirks: bool,
+}
+
+fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not one of off, error, warn, info, debug, trace"))
+}
+
+fn parse_serial(text: &str) -> Result<SerialConfig, String> {
+    match text {
+        "stdio" => Ok(SerialConfig::Stdio),
+        "none" => Ok(SerialConfig::None),
+        _ => match text.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(format!("'{text}' is not stdio, file=PATH or none")),
+        },
+    }
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> VmConfig {
+        VmConfig {
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            vcpus: self.cpus,
+            mem_size: self.memory,
+            serial: self.serial,
+            pv_hypercalls: match self.pv_hypercalls {
+                OnOffAuto::Auto => PvHypercalls::Auto,
+                OnOffAuto::On => PvHypercalls::On,
+                OnOffAuto::Off => PvHypercalls::Off,
+            },
+            host_quirks: !self.no_host_quirks,
+            ..VmConfig::new(self.kernel)
+        }
+    }
+}
+
+/// Describes a config in one line for the log.
+pub fn describe(config: &VmConfig) -> String {
+    format!(
+        "kernel {}, {} vCPU(s), {} RAM",
+        config.kernel.display(),
+        config.vcpus,
+        format_size(config.mem_size)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Run(run) = cli.command;
+        Ok(run.into_config())
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["ligera", "run", "--kernel", "k"]).unwrap();
+        assert_eq!(c, VmConfig::new("k".into()));
+        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn all_flags() {
+        let c = parse(&[
+            "ligera",
+            "run",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--cmdline",
+            "x=1",
+            "--cpus",
+            "4",
+            "--memory",
+            "2G",
+            "--serial",
+            "file=/tmp/s",
+            "--pv-hypercalls",
+            "off",
+            "--no-host-quirks",
+        ])
+        .unwrap();
+        assert_eq!(c.initrd, Some("i".into()));
+        assert_eq!(c.cmdline, "x=1");
+        assert_eq!((c.vcpus, c.mem_size), (4, 2 << 30));
+        assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
+        assert_eq!(c.pv_hypercalls, PvHypercalls::Off);
+        assert!(!c.host_quirks);
+    }
+
+    #[test]
+    fn bad_values() {
+        for args in [
+            &["ligera", "run", "--kernel", "k", "--cpus", "0"][..],
+            &["ligera", "run", "--kernel", "k", "--cpus", "33"],
+            &["ligera", "run", "--kernel", "k", "--memory", "lots"],
+            &["ligera", "run", "--kernel", "k", "--serial", "tcp"],
+            &["ligera", "run", "--kernel", "k", "--serial", "file="],
+            &["ligera", "run", "--kernel", "k", "--bogus"],
+            &["ligera", "run"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+}

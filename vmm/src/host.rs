@@ -1,0 +1,48 @@
+//! Facts about the host that change how a VM is set up.
+
+use std::path::Path;
+
+/// Guest kernel parameters that a guest needs on a nested `kvm_pvm` host,
+/// whose instruction emulator rejects XSAVE, POPCNT and other post-2008
+/// instructions while CPUID still reports them: clear those feature bits in
+/// the guest (Linux 6.1 honours only the last `clearcpuid=`, so it is one list).
+/// Measured on these machines; see resources/guest-kernel/README.md.
+pub const EMULATING_HOST_CMDLINE: &str = "clearcpuid=151,154,155,156,293,304,147,148,137,153,140,150,157,158,291,296,297,580,308,295,288,145,298,306,307,311,312,317,534,514";
+
+/// Whether the host KVM is the nested `kvm_pvm` module, which runs a
+/// normal guest through its instruction emulator and never completes a
+/// guest's hypercall (`vmcall`/`vmmcall` spins forever).
+pub fn is_emulating_nested_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Total RAM of the host in bytes.
+pub fn host_ram() -> std::io::Result<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo() writes a `struct sysinfo` into the buffer we own.
+    let ret = unsafe { libc::sysinfo(info.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: sysinfo() succeeded, so the struct is initialised.
+    let info = unsafe { info.assume_init() };
+    Ok(info.totalram * u64::from(info.mem_unit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ram_is_plausible() {
+        let ram = host_ram().unwrap();
+        assert!(ram > 64 << 20, "{ram}");
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert_eq!(ram / 1024, kib);
+    }
+}

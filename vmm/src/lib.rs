@@ -1,0 +1,16 @@
+//! ligera's VMM: the only crate that owns KVM file descriptors and threads.
+//!
+//! `cli` turns the command line into a [`config::VmConfig`], `builder`
+//! assembles a [`vm::Vm`] from it, and `vm` runs it until the guest reboots,
+//! fails or a signal stops it; `exit` maps the outcome to an exit status.
+
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod host;
+pub mod loader;
+pub mod logger;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,65 @@
+//! The `ligera` command.
+
+use clap::Parser;
+use vmm::cli::{Cli, Command};
+use vmm::exit::{EXIT_OK, EXIT_USAGE, EXIT_VMM_ERROR};
+use vmm::{builder, logger, terminal};
+
+fn main() {
+    // Whatever happens, the terminal gets its settings back.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        terminal::restore();
+        default_hook(info);
+    }));
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    logger::init(cli.log_level);
+    match cli.command {
+        Command::Run(args) => {
+            let config = args.into_config();
+            log::info!("starting: {}", vmm::cli::describe(&config));
+            let vm = match builder::build(&config) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    eprintln!("ligera: error: {e}");
+                    return EXIT_VMM_ERROR;
+                }
+            };
+            let reason = vm.run();
+            if let Some(message) = reason.message() {
+                eprintln!("ligera: {message}");
+            }
+            reason.code()
+        }
+    }
+}
+
+/// Help and version go to stdout with status 0; mistakes get one line on
+/// stderr and status 2.
+fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            EXIT_OK
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            EXIT_USAGE
+        }
+        _ => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid command line");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("ligera: error: {first} (see 'ligera --help')");
+            EXIT_USAGE
+        }
+    }
+}

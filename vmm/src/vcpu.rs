@@ -1,0 +1,331 @@
+//! One vCPU: its KVM state at boot, and the thread that runs it.
+//!
+//! Each vCPU thread loops on `KVM_RUN` and hands port and MMIO exits to the
+//! buses. Everything that ends the VM goes through [`ExitState`]; to stop a
+//! thread blocked in `KVM_RUN`, the VMM sends it [`kick_signal`], which makes
+//! `KVM_RUN` return `EINTR`.
+
+use std::sync::Arc;
+
+use arch::cpuid::{CpuidConfig, configure_cpuid};
+use arch::regs::{EntryPoint, boot_fpu, boot_msrs, boot_regs, boot_sregs, set_lint_pins};
+use devices::Bus;
+use kvm_bindings::{CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::exit::{ExitReason, ExitState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU {index} ({what}): {source}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM accepted only {set} of {total} boot MSRs (first refused: {msr:#x})")]
+    Msrs {
+        index: u8,
+        set: usize,
+        total: usize,
+        msr: u32,
+    },
+    #[error("vCPU {index}: {count} CPUID entries are more than KVM takes")]
+    CpuidEntries { index: u8, count: usize },
+    #[error("cannot start the thread for vCPU {index}: {source}")]
+    Thread { index: u8, source: std::io::Error },
+}
+
+/// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// A vCPU and what its thread needs.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    mem: arch::GuestMemoryMmap,
+    exit: Arc<ExitState>,
+}
+
+/// How the boot vCPU starts; the others wait for INIT/SIPI from the guest.
+pub struct BootState {
+    pub entry: EntryPoint,
+    pub gdt: (u64, u16),
+    pub cr3: u64,
+}
+
+impl Vcpu {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: arch::GuestMemoryMmap,
+        exit: Arc<ExitState>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            mem,
+            exit,
+        })
+    }
+
+    /// Sets CPUID, MSRs and LAPIC for every vCPU, and the entry registers for
+    /// the boot vCPU. Secondary vCPUs stay in KVM's wait-for-SIPI state.
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        cpuid: CpuidConfig,
+        boot: Option<&BootState>,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let err = |what| {
+            move |source| VcpuError::Setup {
+                index,
+                what,
+                source,
+            }
+        };
+        let mut list = supported_cpuid.as_slice().to_vec();
+        configure_cpuid(&mut list, cpuid);
+        let entries = CpuId::from_entries(&list).map_err(|_| VcpuError::CpuidEntries {
+            index,
+            count: list.len(),
+        })?;
+        if log::log_enabled!(log::Level::Trace) {
+            for e in entries.as_slice() {
+                log::trace!(
+                    "vCPU {index} CPUID {:#010x}/{}: {:08x} {:08x} {:08x} {:08x}",
+                    e.function,
+                    e.index,
+                    e.eax,
+                    e.ebx,
+                    e.ecx,
+                    e.edx
+                );
+            }
+        }
+        self.fd.set_cpuid2(&entries).map_err(err("CPUID"))?;
+
+        let boot_msrs = boot_msrs();
+        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::Msrs {
+            index,
+            set: 0,
+            total: boot_msrs.len(),
+            msr: 0,
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+        if set != boot_msrs.len() {
+            return Err(VcpuError::Msrs {
+                index,
+                set,
+                total: boot_msrs.len(),
+                msr: boot_msrs[set].index,
+            });
+        }
+
+        let mut lapic = self.fd.get_lapic().map_err(err("local APIC"))?;
+        set_lint_pins(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(err("local APIC"))?;
+
+        if let Some(boot) = boot {
+            self.fd.set_fpu(&boot_fpu()).map_err(err("FPU"))?;
+            self.fd
+                .set_regs(&boot_regs(boot.entry))
+                .map_err(err("registers"))?;
+            let sregs = self.fd.get_sregs().map_err(err("special registers"))?;
+            self.fd
+                .set_sregs(&boot_sregs(sregs, boot.entry, boot.gdt, boot.cr3))
+                .map_err(err("special registers"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(self) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run())
+            .map_err(|source| VcpuError::Thread { index, source })
+    }
+
+    fn run(mut self) {
+        // The kick signal is blocked in the threads that spawned us (so only
+        // vCPU threads take it); take it here.
+        if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
+            self.exit.request(ExitReason::VmmError(format!(
+                "vCPU {}: cannot unblock the kick signal: {e}",
+                self.index
+            )));
+            return;
+        }
+        while !self.exit.is_stopping() {
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+            }
+        }
+    }
+
+    /// Runs the guest until its next exit and handles it; returns why the VM
+    /// must stop, if it must.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    log::debug!("vCPU {index}: read from unemulated port {port:#x}");
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.pio.write(u64::from(port), data) {
+                    log::debug!("vCPU {index}: write {data:x?} to unemulated port {port:#x}");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    log::debug!("vCPU {index}: read from unemulated MMIO {addr:#x}");
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio.write(addr, data) {
+                    log::debug!("vCPU {index}: write {data:x?} to unemulated MMIO {addr:#x}");
+                }
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault(
+                self.describe("shutdown (triple fault)", None),
+            )),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::KvmFailure(self.describe(
+                &format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host CPU {cpu})"),
+                None,
+            ))),
+            Ok(VcpuExit::InternalError) => Some(self.internal_error()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    Some(ExitReason::GuestReset)
+                }
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::GuestPanic),
+                other => {
+                    log::warn!("vCPU {index}: ignoring system event {other}");
+                    None
+                }
+            },
+            // HLT exits only without an in-kernel LAPIC; interrupt-window and
+            // other informational exits need nothing from us.
+            Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => None,
+            Ok(other) => {
+                let what = format!("unexpected KVM exit {other:?}");
+                Some(ExitReason::KvmFailure(self.describe(&what, None)))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked, or asked to retry: the loop checks whether to stop.
+                None
+            }
+            Err(e) => Some(ExitReason::VmmError(format!(
+                "vCPU {index}: KVM_RUN failed: {e}"
+            ))),
+        }
+    }
+
+    /// Describes KVM_EXIT_INTERNAL_ERROR, with the instruction bytes from the
+    /// run structure when KVM gives them.
+    fn internal_error(&mut self) -> ExitReason {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active member of the union; it is plain data.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "simultaneous exceptions",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+            _ => "unknown",
+        };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let mut insn = None;
+        if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+            && ndata >= 3
+            && internal.data[0]
+                & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                != 0
+        {
+            let size = (internal.data[1] as usize & 0xff).min(15);
+            let bytes: Vec<u8> = internal.data[2..4]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .take(size)
+                .collect();
+            insn = Some(bytes);
+        }
+        let mut text = format!(
+            "KVM_EXIT_INTERNAL_ERROR: {what} (suberror {})",
+            internal.suberror
+        );
+        if ndata > 0 {
+            text += &format!(", data {:x?}", &internal.data[..ndata]);
+        }
+        ExitReason::KvmFailure(self.describe(&text, insn))
+    }
+
+    /// "vCPU n: <what> at RIP ..., instruction bytes ..." from the vCPU's state.
+    fn describe(&self, what: &str, insn: Option<Vec<u8>>) -> String {
+        let index = self.index;
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return format!("vCPU {index}: {what} (registers unavailable)");
+        };
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        let bytes = insn.or_else(|| self.code_bytes(linear, sregs.cr0 & (1 << 31) != 0));
+        let bytes = match bytes {
+            Some(b) if !b.is_empty() => b
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => "unavailable".into(),
+        };
+        format!(
+            "vCPU {index}: {what} at RIP {:#x} (CS {:#x}, CR0 {:#x}), instruction bytes: {bytes}",
+            regs.rip, sregs.cs.selector, sregs.cr0
+        )
+    }
+
+    /// Up to 15 bytes of guest code at a linear address.
+    fn code_bytes(&self, linear: u64, paging: bool) -> Option<Vec<u8>> {
+        let phys = if paging {
+            let t = self.fd.translate_gva(linear).ok()?;
+            (t.valid != 0).then_some(t.physical_address)?
+        } else {
+            linear
+        };
+        let mut bytes = Vec::new();
+        for i in 0..15 {
+            match self.mem.read_obj::<u8>(GuestAddress(phys + i)) {
+                Ok(b) => bytes.push(b),
+                Err(_) => break,
+            }
+        }
+        Some(bytes)
+    }
+}
