@@ -143,3 +143,5 @@ entry_cr0:
         .balign 16
         .skip   16384
 stack_top:
+
+        .section .note.GNU-stack, "", @progbits

@@ -448,7 +448,7 @@ void guest_main(u64 boot_info, u64 kind)
 	} else if (starts_with(test, "triplefault")) {
 		/* An empty IDT makes any exception a triple fault. */
 		struct __attribute__((packed)) { u16 limit; u64 base; } idt = {0, 0};
-		__asm__ volatile("lidt %0; int $3" ::"m"(idt));
+		__asm__ volatile("lidt %0; ud2" ::"m"(idt)); /* #UD with no IDT: triple fault */
 	} else if (starts_with(test, "badfetch")) {
 		/* Run code from the MMIO hole, where there is no memory: KVM cannot
 		 * fetch the instruction and stops with an internal error. */

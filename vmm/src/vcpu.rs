@@ -271,12 +271,13 @@ impl Vcpu {
                 & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
                 != 0
         {
-            let size = (internal.data[1] as usize & 0xff).min(15);
-            let bytes: Vec<u8> = internal.data[2..4]
+            // After the flags: one byte of instruction length, then the bytes.
+            let raw: Vec<u8> = internal.data[1..3]
                 .iter()
                 .flat_map(|w| w.to_le_bytes())
-                .take(size)
                 .collect();
+            let size = usize::from(raw[0]).min(15);
+            let bytes = raw[1..1 + size].to_vec();
             insn = Some(bytes);
         }
         let mut text = format!(
@@ -315,6 +316,7 @@ impl Vcpu {
     fn code_bytes(&self, linear: u64, paging: bool) -> Option<Vec<u8>> {
         let phys = if paging {
             let t = self.fd.translate_gva(linear).ok()?;
+            log::debug!("vCPU {}: {linear:#x} translates to {:#x} (valid {})", self.index, t.physical_address, t.valid);
             (t.valid != 0).then_some(t.physical_address)?
         } else {
             linear
