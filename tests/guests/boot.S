@@ -1,6 +1,7 @@
 /* Entry points of the ligera test guest.
  *
- * _start:    the 64-bit Linux boot protocol (long mode, paging on, RSI = zero page).
+ * _start:    the 64-bit Linux boot protocol (long mode, paging on, RSI = zero page),
+ *            0x200 bytes into the image, where a bzImage has its 64-bit entry.
  * pvh_start: the PVH entry (32-bit protected mode, paging off, EBX = start info),
  *            announced by the PVH ELF note only when built with -DPVH; it builds
  *            its own identity map and enters long mode itself.
@@ -9,6 +10,13 @@
  *            topology and checks in.
  */
         .section .text.boot, "ax"
+        /* A bzImage's protected-mode code starts here and its 64-bit entry
+         * is 0x200 bytes in: keep that layout so the same image, wrapped
+         * in a bzImage setup header by the test suite, boots that way too. */
+        .code32
+startup_32:
+        jmp     startup_32
+        .org    0x200
         .code64
         .globl _start
 _start:

@@ -155,8 +155,9 @@ struct boot {
 static void report_zero_page(u64 zp, struct boot *b)
 {
 	u32 n = rd8(zp + 0x1e8);
-	say("BOOT zeropage at=%x boot_flag=%x header=%x loader=%x\n", zp, (u64)rd16(zp + 0x1fe),
-	    (u64)rd32(zp + 0x202), (u64)rd8(zp + 0x210));
+	say("BOOT zeropage at=%x boot_flag=%x header=%x version=%x loader=%x code32_start=%x\n", zp,
+	    (u64)rd16(zp + 0x1fe), (u64)rd32(zp + 0x202), (u64)rd16(zp + 0x206), (u64)rd8(zp + 0x210),
+	    (u64)rd32(zp + 0x214));
 	for (u32 i = 0; i < n && i < 128; i++) {
 		u64 e = zp + 0x2d0 + 20 * i;
 		say("E820 %x %x %x\n", rd64(e), rd64(e + 8), (u64)rd32(e + 16));
@@ -464,6 +465,8 @@ void guest_main(u64 boot_info, u64 kind)
 			say("INITRD none\n");
 		report_paging(&b);
 		report_cpuid();
+		/* Nothing is at COM2 or in the MMIO hole: reads float high. */
+		say("UNEMULATED port=%x mmio=%x\n", (u64)inb(0x2f8), (u64)rd32(0xd0000000UL));
 		u64 top = 0;
 		if (!b.pvh) {
 			u32 n = rd8(boot_info + 0x1e8);

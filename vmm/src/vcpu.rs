@@ -316,7 +316,12 @@ impl Vcpu {
     fn code_bytes(&self, linear: u64, paging: bool) -> Option<Vec<u8>> {
         let phys = if paging {
             let t = self.fd.translate_gva(linear).ok()?;
-            log::debug!("vCPU {}: {linear:#x} translates to {:#x} (valid {})", self.index, t.physical_address, t.valid);
+            log::debug!(
+                "vCPU {}: {linear:#x} translates to {:#x} (valid {})",
+                self.index,
+                t.physical_address,
+                t.valid
+            );
             (t.valid != 0).then_some(t.physical_address)?
         } else {
             linear
