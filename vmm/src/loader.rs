@@ -34,6 +34,8 @@ pub enum LoaderError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("kernel {path} is empty")]
+    Empty { path: PathBuf },
     #[error("kernel {path} is not a kernel: neither an ELF vmlinux nor a bzImage")]
     UnknownFormat { path: PathBuf },
     #[error("kernel {path} is not a usable ELF vmlinux: {why}")]
@@ -121,6 +123,11 @@ pub fn load_kernel(
     path: &Path,
 ) -> Result<LoadedKernel> {
     let (mut file, len) = open("kernel", path)?;
+    if len == 0 {
+        return Err(LoaderError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
     let mut head = [0u8; 0x260];
     let n = read_up_to(&mut file, &mut head).map_err(|source| LoaderError::Read {
         kind: "kernel",

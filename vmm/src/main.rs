@@ -55,10 +55,16 @@ fn usage_error(e: clap::Error) -> i32 {
             EXIT_USAGE
         }
         _ => {
+            // clap's message, up to its first blank line, folded into one line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("ligera: error: {first} (see 'ligera --help')");
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("ligera: error: {message} (see 'ligera --help')");
             EXIT_USAGE
         }
     }
