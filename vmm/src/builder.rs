@@ -76,6 +76,38 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
 
 /// Builds a VM ready to run.
 pub fn build(config: &VmConfig) -> Result<Vm> {
+    let layout = check_config(config)?;
+    let kvm = open_kvm(config)?;
+    let vm = create_vm(&kvm)?;
+    let mem = map_guest_memory(&layout)?;
+    log::debug!("VM created, guest memory mapped");
+
+    // Registering memory with KVM takes milliseconds on some hosts (it waits
+    // for an SRCU grace period), and nothing but the vCPUs' first run needs
+    // it: do it while the kernel is loaded and the vCPUs are set up.
+    let (vcpus, exit, console) = std::thread::scope(|scope| {
+        let registration = scope.spawn(|| register_guest_memory(&vm, &mem, &layout));
+        let built = (|| {
+            let boot = load_guest(config, &mem, &layout)?;
+            let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+            let devices = create_devices(config, &vm, &exit)?;
+            let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
+            Ok((vcpus, exit, devices.console))
+        })();
+        let registered = registration.join().unwrap_or_else(|_| {
+            Err(BuildError::GuestMemory {
+                size: layout.mem_size(),
+                reason: "the memory registration thread panicked".into(),
+            })
+        });
+        registered.and(built)
+    })?;
+    log::debug!("VM built");
+    Ok(Vm::new(kvm, vm, mem, vcpus, exit, console))
+}
+
+/// Checks what can be checked before touching KVM; returns the memory layout.
+fn check_config(config: &VmConfig) -> Result<GuestLayout> {
     if u32::from(config.vcpus) > MAX_VCPUS || config.vcpus == 0 {
         return Err(BuildError::VcpuLimit(config.vcpus));
     }
@@ -91,7 +123,10 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
             host,
         });
     }
+    Ok(layout)
+}
 
+fn open_kvm(config: &VmConfig) -> Result<Kvm> {
     let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
     if kvm.get_api_version() != 12 {
         return Err(BuildError::KvmApiVersion(kvm.get_api_version()));
@@ -99,6 +134,11 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     if usize::from(config.vcpus) > kvm.get_max_vcpus() {
         return Err(BuildError::TooManyVcpus(config.vcpus, kvm.get_max_vcpus()));
     }
+    Ok(kvm)
+}
+
+/// A VM with the in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("set the TSS address"))?;
@@ -110,11 +150,17 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     };
     vm.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(vm)
+}
 
-    let mem = create_guest_memory(&vm, &layout)?;
-
-    // Kernel, initrd and command line.
-    let kernel = loader::load_kernel(&mem, &layout, &config.kernel)?;
+/// Loads kernel and initrd, writes the command line and the boot structures;
+/// returns how the boot vCPU starts.
+fn load_guest(
+    config: &VmConfig,
+    mem: &arch::GuestMemoryMmap,
+    layout: &GuestLayout,
+) -> Result<BootState> {
+    let kernel = loader::load_kernel(mem, layout, &config.kernel)?;
     log::info!(
         "kernel {}: {:?}, entry {:#x}, ends at {:#x}",
         config.kernel.display(),
@@ -123,36 +169,44 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
         kernel.end
     );
     let initrd = match &config.initrd {
-        Some(path) => Some(loader::load_initrd(&mem, &layout, path, &kernel)?),
+        Some(path) => Some(loader::load_initrd(mem, layout, path, &kernel)?),
         None => None,
     };
     let cmdline = kernel_cmdline(config);
     let cmdline_max = kernel
         .setup_header
         .map_or(CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize + 1);
-    write_cmdline(&mem, &cmdline, cmdline_max).map_err(BuildError::Boot)?;
+    write_cmdline(mem, &cmdline, cmdline_max).map_err(BuildError::Boot)?;
     log::info!("kernel command line: {cmdline}");
 
-    // Boot structures.
-    write_mptable(&mem, u32::from(config.vcpus)).map_err(BuildError::Boot)?;
-    let gdt = write_gdt(&mem).map_err(BuildError::Boot)?;
-    let cr3 = write_identity_page_tables(&mem).map_err(BuildError::Boot)?;
+    write_mptable(mem, u32::from(config.vcpus)).map_err(BuildError::Boot)?;
+    let gdt = write_gdt(mem).map_err(BuildError::Boot)?;
+    let cr3 = write_identity_page_tables(mem).map_err(BuildError::Boot)?;
     let boot_info = match kernel.format {
-        KernelFormat::ElfPvh => write_pvh_start_info(&mem, &layout, initrd),
+        KernelFormat::ElfPvh => write_pvh_start_info(mem, layout, initrd),
         KernelFormat::Elf | KernelFormat::BzImage => write_zero_page(
-            &mem,
-            &zero_page(&layout, kernel.setup_header, cmdline.len(), initrd),
+            mem,
+            &zero_page(layout, kernel.setup_header, cmdline.len(), initrd),
         ),
     }
     .map_err(BuildError::Boot)?;
-    let boot = BootState {
+    log::debug!("kernel loaded");
+    Ok(BootState {
         entry: kernel.entry_point(boot_info),
         gdt,
         cr3,
-    };
+    })
+}
 
-    // Devices.
-    let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+/// The buses and the devices on them.
+struct Devices {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    console: Option<Console>,
+}
+
+/// COM1, the i8042 (for reset) and the pvpanic port.
+fn create_devices(config: &VmConfig, vm: &VmFd, exit: &Arc<ExitState>) -> Result<Devices> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -189,10 +243,30 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
         PVPANIC_PORT,
         1,
     )?;
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let console = match config.serial {
+        SerialConfig::Stdio => Some(Console {
+            serial,
+            input_space,
+        }),
+        _ => None,
+    };
+    Ok(Devices {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        console,
+    })
+}
 
-    // vCPUs.
+/// Creates and configures every vCPU; vCPU 0 starts at the kernel entry.
+fn create_vcpus(
+    config: &VmConfig,
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &arch::GuestMemoryMmap,
+    devices: &Devices,
+    exit: &Arc<ExitState>,
+    boot: &BootState,
+) -> Result<Vec<Vcpu>> {
     let pv_hypercalls = match config.pv_hypercalls {
         PvHypercalls::On => true,
         PvHypercalls::Off => false,
@@ -204,10 +278,10 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(
-            &vm,
+            vm,
             index,
-            pio.clone(),
-            mmio.clone(),
+            devices.pio.clone(),
+            devices.mmio.clone(),
             mem.clone(),
             exit.clone(),
         )?;
@@ -216,18 +290,11 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
             count: config.vcpus,
             pv_hypercalls,
         };
-        vcpu.configure(&supported_cpuid, cpuid, (index == 0).then_some(&boot))?;
+        vcpu.configure(&supported_cpuid, cpuid, (index == 0).then_some(boot))?;
         vcpus.push(vcpu);
     }
-
-    let console = match config.serial {
-        SerialConfig::Stdio => Some(Console {
-            serial,
-            input_space,
-        }),
-        _ => None,
-    };
-    Ok(Vm::new(kvm, vm, mem, vcpus, exit, console))
+    log::debug!("{} vCPU(s) configured", config.vcpus);
+    Ok(vcpus)
 }
 
 /// The command line the guest gets: the configured one, plus the workarounds
@@ -244,18 +311,25 @@ fn kernel_cmdline(config: &VmConfig) -> String {
     cmdline
 }
 
-/// Maps guest RAM (lazily: pages cost host memory only once touched) and
-/// gives it to KVM.
-fn create_guest_memory(vm: &VmFd, layout: &GuestLayout) -> Result<arch::GuestMemoryMmap> {
+/// Maps guest RAM, lazily: pages cost host memory only once touched.
+fn map_guest_memory(layout: &GuestLayout) -> Result<arch::GuestMemoryMmap> {
     let ranges: Vec<_> = layout
         .ram_regions()
         .into_iter()
         .map(|(start, len)| (start, len as usize))
         .collect();
-    let mem = arch::GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::GuestMemory {
+    arch::GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::GuestMemory {
         size: layout.mem_size(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// Gives the guest RAM mappings to KVM, one memory slot per region.
+fn register_guest_memory(
+    vm: &VmFd,
+    mem: &arch::GuestMemoryMmap,
+    layout: &GuestLayout,
+) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host_addr =
             mem.get_host_address(region.start_addr())
@@ -274,5 +348,6 @@ fn create_guest_memory(vm: &VmFd, layout: &GuestLayout) -> Result<arch::GuestMem
         // long as the VM fd exists (both live in `Vm`, and the VM fd is dropped first).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
     }
-    Ok(mem)
+    log::debug!("guest memory registered with KVM");
+    Ok(())
 }

@@ -1,8 +1,13 @@
 //! A minimal logger to stderr: `ligera: <level>: <message>`.
 
-use log::{LevelFilter, Log, Metadata, Record};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
+
+static START: OnceLock<Instant> = OnceLock::new();
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
@@ -12,8 +17,16 @@ impl Log for StderrLogger {
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
             let level = record.level().as_str().to_ascii_lowercase();
+            // Debug and trace lines carry the time since start, for profiling.
+            let when = match record.level() {
+                Level::Debug | Level::Trace => {
+                    let ms = START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3;
+                    format!("[{ms:8.3} ms] ")
+                }
+                _ => String::new(),
+            };
             // One write per line, so lines from different threads don't mix.
-            let line = format!("ligera: {level}: {}\n", record.args());
+            let line = format!("ligera: {when}{level}: {}\n", record.args());
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         }
     }
@@ -24,6 +37,7 @@ impl Log for StderrLogger {
 static LOGGER: StderrLogger = StderrLogger;
 
 pub fn init(level: LevelFilter) {
+    START.get_or_init(Instant::now);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }
