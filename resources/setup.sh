@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets up a Debian 12 machine for ligera: installs the Debian packages it
+# needs, builds ligera, the guest kernel and the initramfs (cached outside the
+# clone, see resources/guest-kernel/README.md), then boots the demo guest.
+#
+#   resources/setup.sh            everything, then boot the demo guest
+#   resources/setup.sh --no-demo  everything but the demo (what the tests use)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Every Debian package the build, the tests and the benchmarks use.
+PACKAGES=(
+    build-essential binutils python3        # ligera's test guests, benchmark launcher
+    linux-source-6.1 bc flex bison libelf-dev cpio lz4 xz-utils  # guest kernel
+    busybox-static                          # initramfs
+    qemu-system-x86                         # the benchmark's peer
+    iproute2 procps strace                  # network tests, diagnostics
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found: install a Rust toolchain (1.85 or newer)" >&2
+    exit 1
+fi
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+    echo "setup: warning: /dev/kvm is not usable by $(id -un): ligera needs KVM" >&2
+fi
+
+echo "setup: building ligera" >&2
+cargo build --release
+
+echo "setup: building the guest kernel (first time: ~6 minutes on 2 cores)" >&2
+kernel_dir=$(resources/build-guest-kernel.sh --print-path)
+echo "setup: building the initramfs" >&2
+initrd=$(resources/build-initramfs.sh --print-path)
+echo "setup: guest kernel in $kernel_dir, initramfs $initrd" >&2
+
+if [ "${1:-}" = "--no-demo" ]; then
+    exit 0
+fi
+echo "setup: booting the demo guest: 2 vCPUs, 256 MiB; it prints LIGERA-INIT-OK and reboots" >&2
+set -x
+exec target/release/ligera run --kernel "$kernel_dir/vmlinux" --initrd "$initrd" \
+    --cpus 2 --memory 256M

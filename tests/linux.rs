@@ -1,0 +1,164 @@
+//! Linux end to end: the guest kernel and initramfs from resources/, booted by
+//! the real `ligera` binary to their init. Each boot takes seconds on the
+//! development machines (nested, emulating KVM), so these tests are ignored
+//! by a plain `cargo test`; `resources/test.sh` (and CI) runs them with
+//! `--include-ignored`. The images are built (or taken from the cache) by the
+//! resources/ scripts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{Outcome, spawn};
+
+/// Fast-boot options for the resources/ kernel (see resources/guest-kernel/README.md).
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
+     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet";
+const MARKER: &str = "LIGERA-INIT-OK";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One Linux guest at a time: two boots on two cores would only slow both.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn resources_output(script: &str, args: &[&str]) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../resources")
+        .join(script);
+    let out = Command::new(&path)
+        .args(args)
+        .arg("--print-path")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(out.status.success(), "{} {args:?} failed", path.display());
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn kernel(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LIGERA_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| resources_output("build-guest-kernel.sh", &[]));
+    dir.join(name)
+}
+
+fn initramfs(variant: &[&str]) -> PathBuf {
+    match (variant, std::env::var_os("LIGERA_INITRD")) {
+        ([], Some(path)) => PathBuf::from(path),
+        _ => resources_output("build-initramfs.sh", variant),
+    }
+}
+
+/// Boots `kernel` with `initrd`, feeding `input` to the console once the
+/// init marker shows; returns the outcome and the time to the marker.
+fn boot(kernel: &Path, initrd: &Path, extra: &[&str], input: Option<&str>) -> (Outcome, Duration) {
+    let _one_at_a_time = serial();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "128M",
+    ];
+    args.extend_from_slice(extra);
+    let start = Instant::now();
+    let mut r = spawn(&args);
+    r.wait_for(MARKER, BOOT_TIMEOUT);
+    let to_marker = start.elapsed();
+    if let Some(text) = input {
+        r.write_stdin(text.as_bytes());
+    }
+    let out = r.finish(BOOT_TIMEOUT);
+    eprintln!(
+        "{}: init marker after {:.2} s, exit {} after {:.2} s",
+        kernel.display(),
+        to_marker.as_secs_f64(),
+        out.status,
+        start.elapsed().as_secs_f64()
+    );
+    (out, to_marker)
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn vmlinux_boots_to_init_with_initrd() {
+    let (out, _) = boot(
+        &kernel("vmlinux"),
+        &initramfs(&[]),
+        &["--cmdline", CMDLINE],
+        None,
+    );
+    assert!(out.stdout.contains(MARKER), "{out}");
+    assert_eq!(
+        out.status, 0,
+        "the init reboots, which ends ligera cleanly:\n{out}"
+    );
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn vmlinux_brings_up_two_vcpus() {
+    let cmdline = format!("{CMDLINE} ligera.cmd=\"cat /sys/devices/system/cpu/online\"");
+    let (out, _) = boot(
+        &kernel("vmlinux"),
+        &initramfs(&["--busybox"]),
+        &["--cpus", "2", "--cmdline", &cmdline],
+        None,
+    );
+    assert_eq!(out.status, 0, "{out}");
+    let online: Vec<&str> = out
+        .stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect();
+    assert!(online.contains(&"0-1"), "both CPUs online:\n{out}");
+    assert!(out.stdout.contains("LIGERA-CMD-EXIT=0"), "{out}");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn console_input_reaches_linux() {
+    let cmdline = format!("{CMDLINE} ligera.cmd=\"read line; echo got:$line\"");
+    let (out, _) = boot(
+        &kernel("vmlinux"),
+        &initramfs(&["--busybox"]),
+        &["--cmdline", &cmdline],
+        Some("hello from the host\n"),
+    );
+    assert_eq!(out.status, 0, "{out}");
+    assert!(out.stdout.contains("got:hello from the host"), "{out}");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn bzimage_boots_to_init() {
+    let (out, _) = boot(
+        &kernel("bzImage"),
+        &initramfs(&[]),
+        &["--cmdline", CMDLINE],
+        None,
+    );
+    assert!(out.stdout.contains(MARKER), "{out}");
+    assert_eq!(out.status, 0, "{out}");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn kernel_panic_is_reported() {
+    // This init exits: "Attempted to kill init!", reported through pvpanic.
+    let (out, _) = boot(
+        &kernel("vmlinux"),
+        &initramfs(&["--panic"]),
+        &["--cmdline", CMDLINE],
+        None,
+    );
+    assert_eq!(out.status, 3, "{out}");
+    assert!(out.stderr.contains("panicked"), "{out}");
+}
