@@ -51,5 +51,5 @@ if [ "${1:-}" = "--no-demo" ]; then
 fi
 echo "setup: booting the demo guest: 2 vCPUs, 256 MiB; it prints LIGERA-INIT-OK and reboots" >&2
 set -x
-exec target/release/ligera run --kernel "$kernel_dir/vmlinux" --initrd "$initrd" \
+exec target/x86_64-unknown-linux-gnu/release/ligera run --kernel "$kernel_dir/vmlinux" --initrd "$initrd" \
     --cpus 2 --memory 256M

@@ -78,32 +78,13 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
 pub fn build(config: &VmConfig) -> Result<Vm> {
     let layout = check_config(config)?;
     let kvm = open_kvm(config)?;
-    let vm = create_vm(&kvm)?;
-    let mem = map_guest_memory(&layout)?;
-    log::debug!("VM created, guest memory mapped");
-
-    // Registering memory with KVM takes milliseconds on some hosts (it waits
-    // for an SRCU grace period), and nothing but the vCPUs' first run needs
-    // it: do it while the kernel is loaded and the vCPUs are set up.
-    let (vcpus, exit, console) = std::thread::scope(|scope| {
-        let registration = scope.spawn(|| register_guest_memory(&vm, &mem, &layout));
-        let built = (|| {
-            let boot = load_guest(config, &mem, &layout)?;
-            let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
-            let devices = create_devices(config, &vm, &exit)?;
-            let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
-            Ok((vcpus, exit, devices.console))
-        })();
-        let registered = registration.join().unwrap_or_else(|_| {
-            Err(BuildError::GuestMemory {
-                size: layout.mem_size(),
-                reason: "the memory registration thread panicked".into(),
-            })
-        });
-        registered.and(built)
-    })?;
+    let (vm, mem) = create_vm(&kvm, &layout)?;
+    let boot = load_guest(config, &mem, &layout)?;
+    let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+    let devices = create_devices(config, &vm, &exit)?;
+    let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
     log::debug!("VM built");
-    Ok(Vm::new(kvm, vm, mem, vcpus, exit, console))
+    Ok(Vm::new(kvm, vm, mem, vcpus, exit, devices.console))
 }
 
 /// Checks what can be checked before touching KVM; returns the memory layout.
@@ -137,9 +118,18 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// A VM with the in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
-fn create_vm(kvm: &Kvm) -> Result<VmFd> {
+/// A VM with its guest memory, the in-kernel irqchip (PIC, IOAPIC, local
+/// APICs) and PIT.
+///
+/// Memory goes first: each KVM memory-slot or device-bus change waits for
+/// an SRCU grace period, which the kernel expedites only while the VM has not
+/// had one recently. Registering memory before the irqchip and PIT (which
+/// register I/O devices) makes it take ~0.2 ms instead of a 4 ms timer tick
+/// on the development machines.
+fn create_vm(kvm: &Kvm, layout: &GuestLayout) -> Result<(VmFd, arch::GuestMemoryMmap)> {
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    let mem = map_guest_memory(layout)?;
+    register_guest_memory(&vm, &mem, layout)?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("set the TSS address"))?;
     vm.create_irq_chip()
@@ -150,7 +140,8 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     };
     vm.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
-    Ok(vm)
+    log::debug!("VM created with its memory");
+    Ok((vm, mem))
 }
 
 /// Loads kernel and initrd, writes the command line and the boot structures;
@@ -348,6 +339,5 @@ fn register_guest_memory(
         // long as the VM fd exists (both live in `Vm`, and the VM fd is dropped first).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
     }
-    log::debug!("guest memory registered with KVM");
     Ok(())
 }
