@@ -272,8 +272,8 @@ static void report_cpuid(void)
 	u32 r[4];
 	cpuid(1, 0, r);
 	u32 hv = r[2] >> 31;
-	say("CPUID leaf1 apic=%x count=%x htt=%x hypervisor=%x\n", (u64)(r[1] >> 24), (u64)((r[1] >> 16) & 0xff),
-	    (u64)((r[3] >> 28) & 1), (u64)hv);
+	say("CPUID leaf1 apic=%x count=%x htt=%x hypervisor=%x ecx=%x edx=%x\n", (u64)(r[1] >> 24),
+	    (u64)((r[1] >> 16) & 0xff), (u64)((r[3] >> 28) & 1), (u64)hv, (u64)r[2], (u64)r[3]);
 	cpuid(0, 0, r);
 	if (r[0] >= 0xb) {
 		u32 smt[4], core[4];
