@@ -42,10 +42,8 @@ fn open_pty() -> Pty {
 fn termios(fd: &OwnedFd) -> libc::termios {
     let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
     // SAFETY: tcgetattr fills the struct we own.
-    assert_eq!(
-        unsafe { libc::tcgetattr(fd.as_raw_fd(), t.as_mut_ptr()) },
-        0
-    );
+    let ret = unsafe { libc::tcgetattr(fd.as_raw_fd(), t.as_mut_ptr()) };
+    assert_eq!(ret, 0);
     // SAFETY: initialised by tcgetattr.
     unsafe { t.assume_init() }
 }
