@@ -1,0 +1,219 @@
+//! Virtio devices on the virtio-mmio transport (virtio 1.2, §4.2).
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, features,
+//! queues, config space) and what it does once the driver is ready
+//! (`activate`). The transport ([`mmio::MmioTransport`]) does the rest:
+//! registers, status state machine, feature negotiation, queue setup and
+//! interrupt status. The guest is untrusted: nothing it writes may panic or
+//! hang the VMM; a device that finds the queues unusable marks itself
+//! DEVICE_NEEDS_RESET and waits for a reset.
+//!
+//! Queue notifications arrive on event fds (KVM ioeventfds on QueueNotify)
+//! and devices do their work on the VMM's event loop thread, as
+//! `event-manager` subscribers; interrupts leave through an event fd (a KVM
+//! irqfd).
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Device IDs (virtio 1.2 §5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Feature bits every device may offer (virtio 1.2 §6).
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bits.
+pub const INT_USED_RING: u32 = 1 << 0;
+pub const INT_CONFIG_CHANGE: u32 = 1 << 1;
+
+/// A device's interrupt line and its InterruptStatus register, shared by
+/// the transport (which reads and acknowledges it) and the device (which
+/// raises it).
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irq: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Raises the interrupt for `reason` (INT_USED_RING or INT_CONFIG_CHANGE).
+    pub fn raise(&self, reason: u32) {
+        self.status.fetch_or(reason, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver that buffers are in a used ring.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemory,
+    /// The driver's queues, in order, all valid and ready.
+    pub queues: Vec<Queue>,
+    /// Features both sides agreed on.
+    pub features: u64,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID.
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; the number of queues is its length.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits offered (must include [`F_VERSION_1`]).
+    fn features(&self) -> u64;
+
+    /// The event fds the VMM signals when the driver notifies each queue
+    /// (one per queue, in order; KVM ioeventfds on QueueNotify).
+    fn queue_events(&self) -> &[EventFd];
+
+    /// Reads device-specific configuration space; `offset` is within it.
+    /// Reads beyond the config space return zeros.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes device-specific configuration space (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio: ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    /// The driver is ready: start using the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+
+    /// The driver reset the device: stop using (and forget) the queues.
+    fn reset(&mut self);
+}
+
+/// Copies `bytes` (a config structure) to `data` from `offset`, zero-filling
+/// whatever lies outside it.
+pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < bytes.len() {
+        let n = data.len().min(bytes.len() - start);
+        data[..n].copy_from_slice(&bytes[start..start + n]);
+    }
+}
+
+/// Pops every available descriptor chain, lets `handle` process each
+/// (returning the number of bytes written to it), puts it in the used ring,
+/// and raises the interrupt if the driver wants one. Errors in the ring
+/// itself (a bad avail index) end the loop: the queue is the driver's to fix.
+pub fn drain_queue<F>(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt, mut handle: F)
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::debug!("virtio: cannot disable notifications: {e}");
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                log::debug!("virtio: cannot return descriptor {head}: {e}");
+                continue;
+            }
+            used_any = true;
+        }
+        // With EVENT_IDX, re-enabling reports whether more arrived meanwhile.
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                log::debug!("virtio: cannot enable notifications: {e}");
+                break;
+            }
+        }
+    }
+    if used_any {
+        match queue.needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => interrupt.signal_used(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let i = Interrupt::new(evt.try_clone().unwrap());
+        i.signal_used();
+        i.raise(INT_CONFIG_CHANGE);
+        assert_eq!(i.status(), 3);
+        assert_eq!(evt.read().unwrap(), 2);
+        i.ack(INT_USED_RING);
+        assert_eq!(i.status(), INT_CONFIG_CHANGE);
+    }
+}
