@@ -380,7 +380,7 @@ impl BusDevice for MmioTransport {
         }
         // Registers are 32 bits wide and read whole.
         match data.len() {
-            4 if offset % 4 == 0 => {
+            4 if offset.is_multiple_of(4) => {
                 data.copy_from_slice(&self.read_register(offset).to_le_bytes());
             }
             _ => {
@@ -400,7 +400,9 @@ impl BusDevice for MmioTransport {
             return;
         }
         match data.try_into() {
-            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_register(offset, u32::from_le_bytes(bytes))
+            }
             _ => log::debug!(
                 "{}: {}-byte register write at {offset:#x}",
                 self.name,
