@@ -9,13 +9,16 @@ use arch::GuestLayout;
 use arch::bootinfo::{write_cmdline, write_pvh_start_info, write_zero_page, zero_page};
 use arch::cpuid::CpuidConfig;
 use arch::gdt::write_gdt;
-use arch::layout::CMDLINE_MAX_SIZE;
+use arch::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
 use arch::mptable::{MAX_VCPUS, write_mptable};
 use arch::paging::write_identity_page_tables;
 use devices::Bus;
 use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
+use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, rng::Rng};
+use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,7 +28,11 @@ use crate::exit::ExitState;
 use crate::host;
 use crate::loader::{self, KernelFormat, LoaderError};
 use crate::vcpu::{BootState, Vcpu, VcpuError};
-use crate::vm::{Console, Vm};
+use crate::vm::{Console, EventLoop, Vm};
+
+/// Interrupt lines for virtio devices: IOAPIC pins 5 to 23 (4 is COM1).
+const VIRTIO_FIRST_GSI: u32 = 5;
+const VIRTIO_LAST_GSI: u32 = 23;
 
 /// Where KVM keeps the real-mode TSS it needs on Intel (three pages, in the MMIO hole).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -66,6 +73,10 @@ pub enum BuildError {
     Bus(#[from] devices::bus::BusError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot create the event loop: {0}")]
+    EventLoop(String),
+    #[error("too many virtio devices: ligera has interrupt lines for {0}")]
+    TooManyDevices(u32),
 }
 
 type Result<T> = std::result::Result<T, BuildError>;
@@ -79,12 +90,13 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     let layout = check_config(config)?;
     let kvm = open_kvm(config)?;
     let (vm, mem) = create_vm(&kvm, &layout)?;
-    let boot = load_guest(config, &mem, &layout)?;
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
-    let devices = create_devices(config, &vm, &exit)?;
+    let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let devices = create_devices(config, &vm, &mem, &exit, &mut events)?;
+    let boot = load_guest(config, &mem, &layout, &devices.cmdline)?;
     let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
     log::debug!("VM built");
-    Ok(Vm::new(kvm, vm, mem, vcpus, exit, devices.console))
+    Ok(Vm::new(kvm, vm, mem, vcpus, exit, devices.console, events))
 }
 
 /// Checks what can be checked before touching KVM; returns the memory layout.
@@ -150,6 +162,7 @@ fn load_guest(
     config: &VmConfig,
     mem: &arch::GuestMemoryMmap,
     layout: &GuestLayout,
+    device_cmdline: &[String],
 ) -> Result<BootState> {
     let kernel = loader::load_kernel(mem, layout, &config.kernel)?;
     log::info!(
@@ -163,7 +176,7 @@ fn load_guest(
         Some(path) => Some(loader::load_initrd(mem, layout, path, &kernel)?),
         None => None,
     };
-    let cmdline = kernel_cmdline(config);
+    let cmdline = kernel_cmdline(config, device_cmdline);
     let cmdline_max = kernel
         .setup_header
         .map_or(CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize + 1);
@@ -194,10 +207,88 @@ struct Devices {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     console: Option<Console>,
+    /// What the kernel must be told about the devices (virtio-mmio windows).
+    cmdline: Vec<String>,
 }
 
-/// COM1, the i8042 (for reset) and the pvpanic port.
-fn create_devices(config: &VmConfig, vm: &VmFd, exit: &Arc<ExitState>) -> Result<Devices> {
+/// Places virtio devices: each gets a 4 KiB MMIO window from
+/// [`VIRTIO_MMIO_START`] and its own interrupt line from [`VIRTIO_FIRST_GSI`],
+/// announced on the kernel command line.
+struct VirtioSlots<'a> {
+    vm: &'a VmFd,
+    mem: &'a arch::GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    events: &'a mut EventLoop,
+    cmdline: &'a mut Vec<String>,
+    next: u32,
+}
+
+impl VirtioSlots<'_> {
+    fn add<D>(&mut self, name: &str, device: D) -> Result<()>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let gsi = VIRTIO_FIRST_GSI + self.next;
+        if gsi > VIRTIO_LAST_GSI {
+            return Err(BuildError::TooManyDevices(
+                VIRTIO_LAST_GSI - VIRTIO_FIRST_GSI + 1,
+            ));
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.next) * virtio::mmio::WINDOW_SIZE;
+        self.next += 1;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_err("connect a virtio interrupt"))?;
+        for (index, event) in device.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(base + virtio::mmio::REG_QUEUE_NOTIFY);
+            self.vm
+                .register_ioevent(event, &notify, index as u32)
+                .map_err(kvm_err("connect a virtio queue notification"))?;
+        }
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(
+            format!("{name}@{base:#x}"),
+            device.clone(),
+            self.mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+        );
+        self.mmio.insert(
+            Arc::new(Mutex::new(transport)),
+            base,
+            virtio::mmio::WINDOW_SIZE,
+        )?;
+        self.events.add_subscriber(device);
+        self.cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        log::debug!("{name}: virtio-mmio at {base:#x}, GSI {gsi}");
+        Ok(())
+    }
+}
+
+/// COM1, the i8042 (for reset), the pvpanic port and the virtio devices.
+fn create_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    mem: &arch::GuestMemoryMmap,
+    exit: &Arc<ExitState>,
+    events: &mut EventLoop,
+) -> Result<Devices> {
+    let mut mmio = Bus::new();
+    let mut cmdline = Vec::new();
+    let mut slots = VirtioSlots {
+        vm,
+        mem,
+        mmio: &mut mmio,
+        events,
+        cmdline: &mut cmdline,
+        next: 0,
+    };
+    if config.rng {
+        slots.add("virtio-rng", Rng::new().map_err(BuildError::EventFd)?)?;
+    }
+
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -243,8 +334,9 @@ fn create_devices(config: &VmConfig, vm: &VmFd, exit: &Arc<ExitState>) -> Result
     };
     Ok(Devices {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
         console,
+        cmdline,
     })
 }
 
@@ -290,8 +382,14 @@ fn create_vcpus(
 
 /// The command line the guest gets: the configured one, plus the workarounds
 /// for an emulating nested host when running on one.
-fn kernel_cmdline(config: &VmConfig) -> String {
+fn kernel_cmdline(config: &VmConfig, device_cmdline: &[String]) -> String {
     let mut cmdline = config.cmdline.trim().to_string();
+    for part in device_cmdline {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(part);
+    }
     if config.host_quirks && host::is_emulating_nested_host() {
         log::info!("nested kvm_pvm host: adding guest workarounds to the command line");
         if !cmdline.is_empty() {

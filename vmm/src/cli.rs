@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// to the kernel command line.
     #[arg(long)]
     pub no_host_quirks: bool,
+
+    /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -119,6 +123,7 @@ impl RunArgs {
                 OnOffAuto::Off => PvHypercalls::Off,
             },
             host_quirks: !self.no_host_quirks,
+            rng: self.rng,
             ..VmConfig::new(self.kernel)
         }
     }

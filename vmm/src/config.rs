@@ -49,6 +49,8 @@ pub struct VmConfig {
     pub pv_hypercalls: PvHypercalls,
     /// Add the guest command-line workarounds for an emulating nested host.
     pub host_quirks: bool,
+    /// A virtio-rng entropy device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -63,6 +65,7 @@ impl VmConfig {
             serial: SerialConfig::Stdio,
             pv_hypercalls: PvHypercalls::Auto,
             host_quirks: true,
+            rng: false,
         }
     }
 }

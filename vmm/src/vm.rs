@@ -29,12 +29,16 @@ pub struct Console {
     pub input_space: EventFd,
 }
 
+/// The VMM's event loop: device work and VMM events, on the thread that runs the VM.
+pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
 /// A VM ready to run. Field order is drop order: vCPUs and the VM fd go
 /// before the guest memory they point into.
 pub struct Vm {
     vcpus: Vec<Vcpu>,
     console: Option<Console>,
     exit: Arc<ExitState>,
+    events: EventLoop,
     _vm: VmFd,
     _mem: arch::GuestMemoryMmap,
     _kvm: Kvm,
@@ -48,11 +52,13 @@ impl Vm {
         vcpus: Vec<Vcpu>,
         exit: Arc<ExitState>,
         console: Option<Console>,
+        events: EventLoop,
     ) -> Self {
         Vm {
             vcpus,
             console,
             exit,
+            events,
             _vm: vm,
             _mem: mem,
             _kvm: kvm,
@@ -104,7 +110,7 @@ impl Vm {
             }
         }
 
-        let result = event_loop(self.exit.clone(), signals);
+        let result = event_loop(&mut self.events, self.exit.clone(), signals);
         if let Err(e) = &result {
             self.exit.request(ExitReason::VmmError(e.clone()));
         }
@@ -215,9 +221,7 @@ impl MutEventSubscriber for Controller {
     }
 }
 
-fn event_loop(exit: Arc<ExitState>, signals: File) -> Result<(), String> {
-    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| format!("cannot create the event loop: {e:?}"))?;
+fn event_loop(manager: &mut EventLoop, exit: Arc<ExitState>, signals: File) -> Result<(), String> {
     manager.add_subscriber(Arc::new(Mutex::new(Controller {
         exit: exit.clone(),
         signals,
