@@ -336,3 +336,73 @@ fn serial_to_file_and_none() {
     assert_eq!(out.status, 0, "{out}");
     assert!(out.stdout.is_empty(), "{out}");
 }
+
+#[test]
+fn virtio_rng_serves_random_bytes() {
+    let out = run_guest(
+        &guests().elf64,
+        &["--memory", "32M", "--rng", "--cmdline", "test=virtio"],
+    );
+    out.assert_ok();
+    // Announced on the command line, found by the guest where announced.
+    assert!(
+        out.line("CMDLINE")
+            .contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{out}"
+    );
+    let dev = out.line("VIRTIO dev");
+    for (k, v) in [
+        ("base", "d0000000"),
+        ("irq", "5"),
+        ("magic", "74726976"),
+        ("version", "2"),
+        ("id", "4"),
+    ] {
+        assert_eq!(common::field(dev, k).as_deref(), Some(v), "{out}");
+    }
+    // VERSION_1 agreed; the status reads back FEATURES_OK, then DRIVER_OK.
+    assert_eq!(out.field("VIRTIO negotiate", "agreed"), "100000000");
+    assert_eq!(out.field("VIRTIO negotiate", "status"), "b");
+    assert_eq!(out.field("VIRTIO-RNG ready", "status"), "f");
+    assert_eq!(out.field("VIRTIO-RNG result", "bytes"), "200", "{out}");
+    assert_eq!(
+        out.field("VIRTIO-RNG result", "random_rounds"),
+        "2",
+        "{out}"
+    );
+    assert_eq!(
+        out.field("VIRTIO-RNG result", "isr"),
+        "1",
+        "used-buffer interrupt: {out}"
+    );
+}
+
+#[test]
+fn virtio_survives_a_hostile_driver() {
+    let out = run_guest(
+        &guests().elf64,
+        &["--memory", "32M", "--rng", "--cmdline", "test=hostile"],
+    );
+    out.assert_ok();
+    // A queue size of 12: DEVICE_NEEDS_RESET (0x40), never DRIVER_OK work.
+    assert_eq!(
+        hex(&out.field("HOSTILE badsize", "status")) & 0x40,
+        0x40,
+        "{out}"
+    );
+    // Unoffered features: FEATURES_OK (8) refused.
+    assert_eq!(
+        hex(&out.field("HOSTILE features", "status")) & 0x8,
+        0,
+        "{out}"
+    );
+    // Buffers outside guest memory get nothing; a looping chain is cut at
+    // the queue size; a bogus avail index is ignored; the device carries on.
+    assert_eq!(out.field("HOSTILE run", "outside"), "0", "{out}");
+    assert_eq!(out.field("HOSTILE run", "loop"), "1/100", "{out}");
+    assert_eq!(out.field("HOSTILE run", "after"), "20", "{out}");
+    assert_eq!(out.field("HOSTILE run", "status"), "f", "{out}");
+    assert_eq!(out.field("HOSTILE run", "magic"), "74726976");
+    // Driver mistakes are reported once, not once per mistake.
+    assert!(out.stderr.lines().count() <= 1, "{out}");
+}

@@ -57,10 +57,21 @@ fn gcc(out: &Path, extra: &[&str]) {
         .arg("-o")
         .arg(out)
         .arg(src.join("boot.S"))
-        .arg(src.join("guest.c"))
+        .args(c_sources(&src))
         .status()
         .expect("gcc is needed to build the test guests");
     assert!(status.success(), "building {} failed", out.display());
+}
+
+/// Every C file of the test guest, in a stable order.
+fn c_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    files.sort();
+    files
 }
 
 /// Builds the test guests once per test process.

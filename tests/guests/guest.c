@@ -4,17 +4,13 @@
  * topology, MP table, secondary vCPUs), one fact per line, for the test
  * suite to check against what it asked ligera for. The kernel command line
  * picks the test: "test=report" (default), "test=echo", "test=panic",
- * "test=triplefault", "test=badfetch", "test=hang".
+ * "test=triplefault", "test=badfetch", "test=hang", "test=virtio" (every
+ * virtio device on the command line), "test=hostile" (a misbehaving driver
+ * against the first virtio device).
  *
  * Freestanding: no libc, no SSE, no interrupts; only port I/O and memory.
  */
-#include <stdint.h>
-#include <stddef.h>
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
+#include "virtio.h"
 
 #define COM1 0x3f8
 #define AP_TRAMPOLINE 0x10000UL
@@ -101,7 +97,7 @@ static void put_hex(u64 v)
 }
 
 /* A tiny printf: %x (u64 hex), %s, %c. */
-static void say(const char *fmt, ...)
+void say(const char *fmt, ...)
 {
 	__builtin_va_list ap;
 	__builtin_va_start(ap, fmt);
@@ -454,6 +450,19 @@ void guest_main(u64 boot_info, u64 kind)
 		/* Run code from the MMIO hole, where there is no memory: KVM cannot
 		 * fetch the instruction and stops with an internal error. */
 		((void (*)(void))0xd0000000UL)();
+	} else if (starts_with(test, "virtio")) {
+		struct vdev devs[8];
+		int n = virtio_find(cmdline, devs, 8);
+		for (int i = 0; i < n; i++) {
+			switch (devs[i].id) {
+			case VIRTIO_ID_RNG: virtio_test_rng(&devs[i]); break;
+			default: say("VIRTIO untested id=%x\n", (u64)devs[i].id); break;
+			}
+		}
+	} else if (starts_with(test, "hostile")) {
+		struct vdev dev;
+		if (virtio_find(cmdline, &dev, 1) == 1)
+			virtio_test_hostile(&dev);
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)

@@ -124,6 +124,9 @@ pub struct MmioTransport {
     active: bool,
     /// Name for log messages.
     name: String,
+    /// Whether a driver mistake was already reported at warning level: the
+    /// guest controls how often they happen, so later ones are debug-only.
+    warned: bool,
 }
 
 impl MmioTransport {
@@ -157,6 +160,20 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             name: name.into(),
+            warned: false,
+        }
+    }
+
+    /// Reports a driver mistake: the first as a warning, the rest at debug level.
+    fn driver_error(&mut self, message: std::fmt::Arguments) {
+        if self.warned {
+            log::debug!("{}: {message}", self.name);
+        } else {
+            self.warned = true;
+            log::warn!(
+                "{}: {message} (further driver errors are logged at debug level)",
+                self.name
+            );
         }
     }
 
@@ -299,12 +316,10 @@ impl MmioTransport {
             // The device refuses features it did not offer, and legacy drivers.
             let unknown = self.driver_features & !self.offered;
             if unknown != 0 || self.driver_features & super::F_VERSION_1 == 0 {
-                log::warn!(
-                    "{}: driver asked for features {:#x} (offered {:#x}): refused",
-                    self.name,
-                    self.driver_features,
-                    self.offered
-                );
+                let (asked, offered) = (self.driver_features, self.offered);
+                self.driver_error(format_args!(
+                    "driver asked for features {asked:#x} (offered {offered:#x}): refused"
+                ));
                 self.status = value & !STATUS_FEATURES_OK;
                 return;
             }
@@ -317,7 +332,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if self.status & STATUS_FEATURES_OK == 0 {
-            log::warn!("{}: DRIVER_OK without FEATURES_OK", self.name);
+            self.driver_error(format_args!("DRIVER_OK without FEATURES_OK"));
             self.needs_reset();
             return;
         }
@@ -327,7 +342,7 @@ impl MmioTransport {
             match regs.to_queue(&self.mem, event_idx) {
                 Ok(q) => queues.push(q),
                 Err(why) => {
-                    log::warn!("{}: queue {i} is unusable: {why} ({regs:x?})", self.name);
+                    self.driver_error(format_args!("queue {i} is unusable: {why} ({regs:x?})"));
                     self.needs_reset();
                     return;
                 }
@@ -343,7 +358,7 @@ impl MmioTransport {
         match result {
             Ok(()) => self.active = true,
             Err(e) => {
-                log::warn!("{}: cannot activate: {e}", self.name);
+                self.driver_error(format_args!("cannot activate: {e}"));
                 self.needs_reset();
             }
         }
