@@ -5,14 +5,19 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DEFAULT_CMDLINE, PvHypercalls, SerialConfig, VmConfig, format_size, parse_size,
+    DEFAULT_CMDLINE, DiskConfig, NetConfig, PvHypercalls, SerialConfig, VmConfig, VsockConfig,
+    format_size, parse_size,
 };
+use crate::options::{parse_disk, parse_net, parse_vsock};
 
 const RUN_EXAMPLES: &str = "\
 Examples:
   ligera run --kernel vmlinux --initrd initramfs.cpio
   ligera run --kernel bzImage --cpus 2 --memory 512M --cmdline \"console=ttyS0 reboot=k panic=1\"
   ligera run --kernel vmlinux --serial file=console.log
+  ligera run --kernel vmlinux --disk path=rootfs.ext4 --cmdline \"console=ttyS0 reboot=k root=/dev/vda\"
+  ligera run --kernel vmlinux --initrd initramfs.cpio --disk path=data.img,readonly=on,id=data \
+      --net tap=tap0,mac=02:00:00:00:00:01 --vsock cid=3,socket=/tmp/vm.sock --rng
 
 Exit status:
   0    the guest rebooted (reset through the keyboard controller, e.g. reboot=k)
@@ -91,6 +96,21 @@ pub struct RunArgs {
     /// Give the guest a virtio-rng entropy device fed by the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+
+    /// A virtio-blk disk on a raw image: path=IMG[,readonly=on][,id=NAME].
+    /// Repeatable; the guest sees them as /dev/vda, /dev/vdb, ... in order.
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_disk)]
+    pub disk: Vec<DiskConfig>,
+
+    /// A virtio-net interface on a TAP device (opened, or created if it does
+    /// not exist): tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+
+    /// A virtio-vsock device; the host side is a Unix socket with
+    /// Firecracker's hybrid-vsock protocol: cid=N,socket=PATH.
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -124,6 +144,9 @@ impl RunArgs {
             },
             host_quirks: !self.no_host_quirks,
             rng: self.rng,
+            disks: self.disk,
+            nets: self.net,
+            vsock: self.vsock,
             ..VmConfig::new(self.kernel)
         }
     }

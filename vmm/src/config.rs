@@ -37,6 +37,29 @@ pub enum PvHypercalls {
     Off,
 }
 
+/// A raw disk image (`--disk`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The serial the guest reads (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
+    pub id: Option<String>,
+}
+
+/// A network interface backed by a TAP device (`--net`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A vsock device with a hybrid-vsock Unix socket on the host (`--vsock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -51,6 +74,9 @@ pub struct VmConfig {
     pub host_quirks: bool,
     /// A virtio-rng entropy device.
     pub rng: bool,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -66,6 +92,9 @@ impl VmConfig {
             pv_hypercalls: PvHypercalls::Auto,
             host_quirks: true,
             rng: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod exit;
 pub mod host;
 pub mod loader;
 pub mod logger;
+pub mod options;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
