@@ -75,6 +75,8 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create the event loop: {0}")]
     EventLoop(String),
+    #[error("{0} is not supported by this build of ligera yet")]
+    Unsupported(&'static str),
     #[error("too many virtio devices: ligera has interrupt lines for {0}")]
     TooManyDevices(u32),
 }
@@ -287,6 +289,16 @@ fn create_devices(
     };
     if config.rng {
         slots.add("virtio-rng", Rng::new().map_err(BuildError::EventFd)?)?;
+    }
+    // Parsed, but their devices are not built yet: refuse rather than ignore.
+    for (flag, given) in [
+        ("--disk", !config.disks.is_empty()),
+        ("--net", !config.nets.is_empty()),
+        ("--vsock", config.vsock.is_some()),
+    ] {
+        if given {
+            return Err(BuildError::Unsupported(flag));
+        }
     }
 
     let mut pio = Bus::new();
