@@ -406,3 +406,30 @@ fn virtio_survives_a_hostile_driver() {
     // Driver mistakes are reported once, not once per mistake.
     assert!(out.stderr.lines().count() <= 1, "{out}");
 }
+
+#[test]
+fn guest_memory_costs_only_what_is_touched() {
+    // A 4 GiB guest that writes to 50 MiB: its peak RSS is those 50 MiB plus
+    // ligera's own few MiB, not 4 GiB.
+    let g = guests();
+    let (out, peak_kib) = common::run_measured(
+        &[
+            "run",
+            "--kernel",
+            g.elf64.to_str().unwrap(),
+            "--no-host-quirks",
+            "--memory",
+            "4G",
+            "--cmdline",
+            "test=touch touch_mib=50",
+        ],
+        Duration::from_secs(120),
+    );
+    out.assert_ok();
+    assert_eq!(out.field("TOUCHED", "mib"), "32", "0x32 = 50: {out}");
+    let peak_mib = peak_kib / 1024;
+    assert!(
+        (50..=58).contains(&peak_mib),
+        "peak RSS {peak_mib} MiB:\n{out}"
+    );
+}

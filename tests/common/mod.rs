@@ -306,6 +306,48 @@ impl Running {
     }
 }
 
+/// Runs ligera to completion and returns its outcome and peak RSS in KiB
+/// (from wait4's rusage).
+pub fn run_measured(args: &[&str], timeout: Duration) -> (Outcome, u64) {
+    let mut child = Command::new(LIGERA)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start ligera");
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + timeout;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child, writing into locals we own.
+        let ret = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if ret == pid {
+            break;
+        }
+        assert!(ret == 0, "wait4: {}", std::io::Error::last_os_error());
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ligera did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = Outcome {
+        status: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        },
+        stdout: String::from_utf8_lossy(&stdout.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr.join().unwrap()).into_owned(),
+    };
+    (out, usage.ru_maxrss as u64)
+}
+
 /// Runs ligera to completion with no input.
 pub fn run(args: &[&str], timeout: Duration) -> Outcome {
     let mut r = spawn(args);

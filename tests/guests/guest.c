@@ -4,7 +4,8 @@
  * topology, MP table, secondary vCPUs), one fact per line, for the test
  * suite to check against what it asked ligera for. The kernel command line
  * picks the test: "test=report" (default), "test=echo", "test=panic",
- * "test=triplefault", "test=badfetch", "test=hang", "test=virtio" (every
+ * "test=triplefault", "test=badfetch", "test=hang", "test=touch touch_mib=N"
+ * (write to N MiB of RAM), "test=virtio" (every
  * virtio device on the command line), "test=hostile" (a misbehaving driver
  * against the first virtio device).
  *
@@ -30,6 +31,14 @@ void *memcpy(void *d, const void *s, size_t n)
 	while (n--)
 		*dp++ = *sp++;
 	return d;
+}
+
+size_t strlen(const char *s)
+{
+	size_t n = 0;
+	while (s[n])
+		n++;
+	return n;
 }
 
 void *memset(void *d, int c, size_t n)
@@ -463,6 +472,15 @@ void guest_main(u64 boot_info, u64 kind)
 		struct vdev dev;
 		if (virtio_find(cmdline, &dev, 1) == 1)
 			virtio_test_hostile(&dev);
+	} else if (starts_with(test, "touch")) {
+		/* Writes one byte in every page of N MiB from 16 MiB up. */
+		const char *mib = cmdline_value(cmdline, "touch_mib=");
+		u64 n = 0;
+		while (mib && *mib >= '0' && *mib <= '9')
+			n = n * 10 + (u64)(*mib++ - '0');
+		for (u64 a = 16ULL << 20; a < (16ULL + n) << 20; a += 4096)
+			*(volatile u8 *)a = 1;
+		say("TOUCHED mib=%x\n", n);
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)
