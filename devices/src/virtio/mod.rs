@@ -149,31 +149,56 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Pops every available descriptor chain, lets `handle` process each
-/// (returning the number of bytes written to it), puts it in the used ring,
-/// and raises the interrupt if the driver wants one. Errors in the ring
-/// itself (a bad avail index) end the loop: the queue is the driver's to fix.
-pub fn drain_queue<F>(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt, mut handle: F)
+/// Pops available descriptor chains, lets `handle` process each (returning
+/// the number of bytes written to it), puts it in the used ring, and raises
+/// the interrupt if the driver wants one.
+///
+/// At most `budget` chains are handled, so one queue cannot keep the event
+/// loop from the other devices; returns true when it stopped with chains
+/// still available (the caller then re-arms its own queue event). A ring the
+/// device cannot read (an avail index more than a queue ahead, or outside
+/// guest memory) ends the loop: the driver has to fix or reset the queue, and
+/// a notification that finds nothing to pop is not an invitation to spin.
+pub fn drain_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    budget: usize,
+    mut handle: F,
+) -> bool
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
 {
-    let mut used_any = false;
+    let mut handled = 0;
+    let mut more = false;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::debug!("virtio: cannot disable notifications: {e}");
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut popped = 0;
+        while handled < budget {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = handle(chain);
+            popped += 1;
+            handled += 1;
             if let Err(e) = queue.add_used(mem, head, len) {
                 log::debug!("virtio: cannot return descriptor {head}: {e}");
-                continue;
             }
-            used_any = true;
+        }
+        if handled >= budget {
+            more = true;
+            break;
         }
         // With EVENT_IDX, re-enabling reports whether more arrived meanwhile.
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if popped > 0 => continue,
+            Ok(true) => {
+                log::debug!("virtio: the available ring is unreadable; waiting for the driver");
+                break;
+            }
             Ok(false) => break,
             Err(e) => {
                 log::debug!("virtio: cannot enable notifications: {e}");
@@ -181,12 +206,13 @@ where
             }
         }
     }
-    if used_any {
+    if handled > 0 {
         match queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) | Err(_) => interrupt.signal_used(),
         }
     }
+    more
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use std::sync::Arc;
 /// Most bytes handed out per request, so one request cannot keep the event
 /// loop busy for long.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Most requests served per queue event before the other devices get a turn.
+const REQUESTS_PER_EVENT: usize = 64;
 const QUEUE_SIZE: u16 = 256;
 
 struct Running {
@@ -44,25 +46,37 @@ impl Rng {
             return;
         };
         let mut random = vec![0u8; MAX_REQUEST];
-        drain_queue(&mut r.queue, &r.mem, &r.interrupt, |chain| {
-            let mem = chain.memory();
-            let mut writer = match chain.clone().writer(mem) {
-                Ok(w) => w,
-                Err(e) => {
-                    log::debug!("virtio-rng: bad descriptor chain: {e:?}");
-                    return 0;
+        let more = drain_queue(
+            &mut r.queue,
+            &r.mem,
+            &r.interrupt,
+            REQUESTS_PER_EVENT,
+            |chain| {
+                let mem = chain.memory();
+                let mut writer = match chain.clone().writer(mem) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        log::debug!("virtio-rng: bad descriptor chain: {e:?}");
+                        return 0;
+                    }
+                };
+                let want = writer.available_bytes().min(MAX_REQUEST);
+                let got = getrandom(&mut random[..want]);
+                match writer.write_all(&random[..got]) {
+                    Ok(()) => got as u32,
+                    Err(e) => {
+                        log::debug!("virtio-rng: cannot write to the guest: {e}");
+                        writer.bytes_written() as u32
+                    }
                 }
-            };
-            let want = writer.available_bytes().min(MAX_REQUEST);
-            let got = getrandom(&mut random[..want]);
-            match writer.write_all(&random[..got]) {
-                Ok(()) => got as u32,
-                Err(e) => {
-                    log::debug!("virtio-rng: cannot write to the guest: {e}");
-                    writer.bytes_written() as u32
-                }
+            },
+        );
+        if more {
+            // Come back after the other events of this round.
+            if let Err(e) = self.queue_events[0].write(1) {
+                log::warn!("virtio-rng: cannot re-arm the queue event: {e}");
             }
-        });
+        }
     }
 }
 
@@ -230,6 +244,40 @@ mod tests {
         let mut rng = Rng::new().unwrap();
         activate(&mut rng, &mem, &mock);
         assert_eq!(used_len(&mem, &mock, 0) as usize, MAX_REQUEST);
+    }
+
+    #[test]
+    fn avail_index_far_ahead_does_not_spin() {
+        let mem = mem();
+        let mock = MockSplitQueue::new(&mem, 16);
+        mock.build_desc_chain(&[desc(0x10000, 8, VRING_DESC_F_WRITE as u16, 0)])
+            .unwrap();
+        // The driver claims 1000 buffers in a 16-entry ring.
+        mem.write_obj(1000u16, GuestAddress(mock.avail_addr().0 + 2))
+            .unwrap();
+        let mut rng = Rng::new().unwrap();
+        activate(&mut rng, &mem, &mock); // returns: it did not spin
+        assert_eq!(rng.running.as_ref().unwrap().queue.next_used(), 0);
+    }
+
+    #[test]
+    fn work_per_event_is_bounded_and_rearmed() {
+        let mem = mem();
+        let mock = MockSplitQueue::new(&mem, 256);
+        for i in 0..100u64 {
+            mock.build_desc_chain(&[desc(0x10000 + i * 16, 16, VRING_DESC_F_WRITE as u16, 0)])
+                .unwrap();
+        }
+        let mut rng = Rng::new().unwrap();
+        activate(&mut rng, &mem, &mock);
+        assert_eq!(
+            rng.running.as_ref().unwrap().queue.next_used() as usize,
+            REQUESTS_PER_EVENT
+        );
+        // The device re-armed its own event for the rest.
+        assert_eq!(rng.queue_events[0].read().unwrap(), 1);
+        rng.process();
+        assert_eq!(rng.running.as_ref().unwrap().queue.next_used(), 100);
     }
 
     #[test]
