@@ -23,7 +23,8 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+pub use event_manager::EventSet;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,9 +46,10 @@ pub const TX_BUDGET: usize = 64;
 /// RX packets produced per event.
 pub const RX_BUDGET: usize = 64;
 
-/// Queue indices (the third, 2, is the event queue).
-const RX: usize = 0;
-const TX: usize = 1;
+/// Queue indices, also the event tokens of their notifications (the
+/// third, 2, is the event queue).
+pub const RX: usize = 0;
+pub const TX: usize = 1;
 const TOKEN_KICK: u32 = 4;
 
 /// How the device registers and unregisters file descriptors with the
