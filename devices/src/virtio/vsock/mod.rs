@@ -342,13 +342,13 @@ pub fn read_tx_chain(
     let mut reader = chain
         .clone()
         .reader(mem)
-        .map_err(|_| (None, TxError::Short(0)))?;
+        .map_err(|_| (None, TxError::BadChain))?;
     let total = reader.available_bytes();
     let mut head = [0u8; HDR_SIZE];
     let n = total.min(HDR_SIZE);
     reader
         .read_exact(&mut head[..n])
-        .map_err(|_| (None, TxError::Short(0)))?;
+        .map_err(|_| (None, TxError::BadChain))?;
     let pkt = parse_tx(&head[..n], total - n, guest_cid).map_err(|e| {
         let hdr = (n == HDR_SIZE).then(|| Header::from_bytes(&head));
         (hdr, e)

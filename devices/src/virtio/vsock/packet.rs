@@ -140,6 +140,8 @@ impl TxPacket {
 /// the guest gets a RST for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
+    #[error("descriptor chain is malformed or outside guest memory")]
+    BadChain,
     #[error("chain holds {0} readable bytes, less than a {HDR_SIZE}-byte header")]
     Short(usize),
     #[error("source CID {got} is not the guest's CID {want}")]
@@ -162,7 +164,7 @@ impl TxError {
     /// source); the rest are dropped silently.
     pub fn reply(&self, hdr: &Header) -> Option<Header> {
         match self {
-            TxError::Short(_) | TxError::WrongSourceCid { .. } => None,
+            TxError::BadChain | TxError::Short(_) | TxError::WrongSourceCid { .. } => None,
             _ if hdr.op == OP_RST => None,
             _ => Some(hdr.reset_reply()),
         }
