@@ -8,15 +8,16 @@
 #               LIGERA-INIT-OK, then reboot(2) RESTART; boot with reboot=k)
 #   --panic     initramfs-panic.cpio:   the same init, but it exits instead of
 #               rebooting, so the kernel panics ("Attempted to kill init!")
-#   --busybox   initramfs-busybox.cpio: static busybox with applet links and
+#   --busybox   initramfs-busybox.cpio: static busybox with applet links,
 #               /init = initramfs/busybox-init.sh (runs ligera.cmd=..., if given)
+#               and /bin/vsock-echo (initramfs/vsock-echo.c, built static)
 #   --print-path  print only the path of the cpio file on stdout
 #
 # Output is cached in ${LIGERA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ligera}/
 # initramfs-<variant>-<hash>/, where <hash> covers every input; an existing
 # entry is reused.  The archive is written by this script itself (no cpio tool,
 # no root needed for the /dev/console node), with fixed owners and timestamps.
-# Needs: gcc (tiny/panic), busybox-static (--busybox), sha256sum.
+# Needs: gcc (static libc for --busybox), busybox-static (--busybox), sha256sum.
 set -euo pipefail
 export LC_ALL=C
 
@@ -57,7 +58,9 @@ inputs() {  # contents only, so the hash does not depend on where the clone is
 		[ -x "$BUSYBOX" ] || die "$BUSYBOX not found (apt-get install busybox-static)"
 		file_is_static "$BUSYBOX" || die "$BUSYBOX is not a static binary (need busybox-static)"
 		echo "busybox $(sha256sum <"$BUSYBOX")"
-		(cd "$here" && sha256sum initramfs/busybox-init.sh)
+		(cd "$here" && sha256sum initramfs/busybox-init.sh initramfs/vsock-echo.c)
+		command -v gcc >/dev/null || die "gcc not found (apt-get install gcc)"
+		gcc --version | head -n1
 		;;
 	esac
 }
@@ -133,11 +136,14 @@ else
 		done < <("$BUSYBOX" --list-full)
 		[ "$n" -gt 10 ] || die "$BUSYBOX --list-full listed only $n applets"
 		log "$n applet links"
+		log "building vsock-echo"
+		gcc -static -O2 -s -Wall -Wextra -Werror -o "$stage/vsock-echo" "$src/vsock-echo.c"
+		regfile bin/vsock-echo "$stage/vsock-echo"
 		regfile init "$src/busybox-init.sh"
 		;;
 	esac
 	trailer
-	rm -f "$stage/.link" "$stage/init"
+	rm -f "$stage/.link" "$stage/init" "$stage/vsock-echo"
 
 	chmod 755 "$stage"
 	if ! mv -T "$stage" "$out" 2>/dev/null; then

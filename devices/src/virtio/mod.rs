@@ -15,6 +15,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,193 @@
+//! Linux end to end over virtio-vsock: the resources/ guest kernel and the
+//! busybox initramfs (with `/bin/vsock-echo`, resources/initramfs/
+//! vsock-echo.c) booted by the real `ligera` with `--vsock`; the test talks
+//! to the guest through the hybrid-vsock Unix sockets, both ways. Ignored
+//! by a plain `cargo test` (each boot takes seconds here); `resources/test.sh`
+//! runs it with `--include-ignored`. Conventions and helpers as in linux.rs.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{Outcome, spawn};
+
+/// Fast-boot options for the resources/ kernel (see resources/guest-kernel/README.md).
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
+     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet";
+const MARKER: &str = "LIGERA-INIT-OK";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One Linux guest at a time: two boots on two cores would only slow both.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn resources_output(script: &str, args: &[&str]) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../resources")
+        .join(script);
+    let out = Command::new(&path)
+        .args(args)
+        .arg("--print-path")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(out.status.success(), "{} {args:?} failed", path.display());
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn kernel() -> PathBuf {
+    let dir = std::env::var_os("LIGERA_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| resources_output("build-guest-kernel.sh", &[]));
+    dir.join("vmlinux")
+}
+
+fn busybox_initramfs() -> PathBuf {
+    resources_output("build-initramfs.sh", &["--busybox"])
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("linux-vsock-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("v.sock")
+}
+
+/// Boots Linux with a vsock device at `socket` running `cmd` in the guest;
+/// `host` plays the host side once the init marker shows.
+fn boot_with_vsock(socket: &Path, cmd: &str, host: impl FnOnce()) -> Outcome {
+    let _one_at_a_time = serial();
+    let kernel = kernel();
+    let initrd = busybox_initramfs();
+    let cmdline = format!("{CMDLINE} ligera.cmd=\"{cmd}\"");
+    let vsock = format!("cid=3,socket={}", socket.display());
+    let start = Instant::now();
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--cmdline",
+        &cmdline,
+        "--vsock",
+        &vsock,
+    ]);
+    vm.wait_for(MARKER, BOOT_TIMEOUT);
+    host();
+    let out = vm.finish(BOOT_TIMEOUT);
+    eprintln!(
+        "linux vsock ({cmd}): exit {} after {:.2} s",
+        out.status,
+        start.elapsed().as_secs_f64()
+    );
+    out
+}
+
+/// Reads until EOF (or a reset), at most `timeout`.
+fn read_to_end(s: &mut UnixStream, timeout: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("reading the vsock stream: {e} after {} bytes", out.len()),
+        }
+    }
+}
+
+/// Connects to the guest's `port` through the hybrid-vsock socket, retrying
+/// while nobody listens yet (the guest answers with a RST: the socket
+/// closes without an `OK`); returns the stream after its `OK <port>` line.
+fn connect_to_guest(socket: &Path, port: u32, deadline: Instant) -> UnixStream {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest port {port} never accepted"
+        );
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            match s.read(&mut b) {
+                Ok(1) => line.push(b[0]),
+                _ => break,
+            }
+        }
+        if line.starts_with(b"OK ") && line.ends_with(b"\n") {
+            return s;
+        }
+        assert!(line.is_empty(), "unexpected answer {line:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn host_connects_to_a_linux_vsock_echo_server() {
+    let socket = socket_path("echo");
+    let sent: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let mut echoed = Vec::new();
+    let out = boot_with_vsock(&socket, "vsock-echo 5000", || {
+        let mut s = connect_to_guest(&socket, 5000, Instant::now() + BOOT_TIMEOUT);
+        // Write from another thread while we read: more than any buffer holds.
+        let mut writer = s.try_clone().unwrap();
+        let data = sent.clone();
+        let t = std::thread::spawn(move || {
+            writer.write_all(&data).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        echoed = read_to_end(&mut s, Duration::from_secs(120));
+        t.join().unwrap();
+    });
+    assert_eq!(out.status, 0, "{out}");
+    assert_eq!(echoed.len(), sent.len(), "{out}");
+    assert!(echoed == sent, "the echo differs from what we sent");
+    assert!(
+        out.stdout
+            .contains(&format!("vsock-echo: echoed {} bytes", sent.len())),
+        "{out}"
+    );
+    assert!(out.stdout.contains("LIGERA-CMD-EXIT=0"), "{out}");
+    assert!(!socket.exists(), "socket file left behind");
+    // Linux's driver is well behaved: no device warnings.
+    assert!(!out.stderr.contains("vsock"), "{out}");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn linux_guest_connects_to_a_host_port() {
+    let socket = socket_path("client");
+    // The guest connects to host port 5001: the Unix socket PATH_5001.
+    let listener = UnixListener::bind(format!("{}_5001", socket.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let got = read_to_end(&mut s, Duration::from_secs(120));
+        s.write_all(b"hello-from-the-host").unwrap();
+        got
+    });
+    let out = boot_with_vsock(&socket, "vsock-echo -c 5001 hello-from-linux", || {});
+    assert_eq!(out.status, 0, "{out}");
+    assert_eq!(server.join().unwrap(), b"hello-from-linux", "{out}");
+    assert!(
+        out.stdout.contains("vsock-echo: got hello-from-the-host"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("LIGERA-CMD-EXIT=0"), "{out}");
+    assert!(!out.stderr.contains("vsock"), "{out}");
+}
