@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -71,7 +71,7 @@ impl Vm {
             Ok(()) => {}
             Err(message) => self.exit.request(ExitReason::VmmError(message)),
         }
-        hand_off_teardown();
+        hand_off_teardown(self._vm.as_raw_fd());
         self.exit
             .reason()
             .unwrap_or_else(|| ExitReason::VmmError("the VM stopped without a reason".into()))
@@ -129,17 +129,28 @@ impl Vm {
 /// PR_SET_PDEATHSIG kills it), so all of that happens when the child ends,
 /// and whoever waits for ligera sees it exit at once. If the child cannot be
 /// made, the teardown simply happens at exit as usual.
-fn hand_off_teardown() {
+fn hand_off_teardown(vm_fd: RawFd) {
     const STACK_SIZE: usize = 16 * 1024;
-    extern "C" fn teardown_child(parent: *mut libc::c_void) -> libc::c_int {
-        let parent = parent as usize as libc::pid_t;
+    /// What the child needs: who to outlive, and the one descriptor to keep.
+    struct Handoff {
+        parent: libc::pid_t,
+        vm_fd: libc::c_uint,
+    }
+    extern "C" fn teardown_child(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` points to the leaked Handoff below, never freed.
+        let Handoff { parent, vm_fd } = unsafe { std::ptr::read(arg as *const Handoff) };
         // SAFETY: we share the parent's memory but run on our own stack and
-        // only make system calls that cannot fail here. Closing our copies of
-        // stdio lets readers of ligera's output see end-of-file when it exits.
+        // only make system calls. We keep only the VM descriptor: everything
+        // else (stdio, so readers see end-of-file; disk images, so their
+        // locks go; taps and sockets) closes with ligera, as it would without
+        // this child.
         unsafe {
-            libc::close(libc::STDIN_FILENO);
-            libc::close(libc::STDOUT_FILENO);
-            libc::close(libc::STDERR_FILENO);
+            libc::syscall(libc::SYS_close_range, 0, vm_fd.saturating_sub(1), 0);
+            libc::syscall(libc::SYS_close_range, vm_fd + 1, libc::c_uint::MAX, 0);
+            if vm_fd == 0 {
+                // close_range(0, 0) above closed it: nothing left to keep.
+                libc::_exit(0);
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
                 while libc::getppid() == parent {
                     libc::pause();
@@ -148,10 +159,17 @@ fn hand_off_teardown() {
             libc::_exit(0)
         }
     }
-    // The child's stack lives as long as the address space; it is never freed.
+    let Ok(vm_fd) = libc::c_uint::try_from(vm_fd) else {
+        return;
+    };
+    // The child's stack and argument live as long as the address space;
+    // they are never freed.
     let stack: &'static mut [u8] = Box::leak(vec![0u8; STACK_SIZE].into_boxed_slice());
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let handoff: &'static mut Handoff = Box::leak(Box::new(Handoff {
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        vm_fd,
+    }));
     // SAFETY: the stack is ours and 16-byte aligned at its top; the child
     // function only makes the system calls above.
     let pid = unsafe {
@@ -161,7 +179,7 @@ fn hand_off_teardown() {
             teardown_child,
             top.cast(),
             libc::CLONE_VM | libc::SIGCHLD,
-            parent as usize as *mut libc::c_void,
+            (handoff as *mut Handoff).cast(),
         )
     };
     if pid < 0 {
