@@ -456,6 +456,7 @@ void guest_main(u64 boot_info, u64 kind)
 		for (int i = 0; i < n; i++) {
 			switch (devs[i].id) {
 			case VIRTIO_ID_RNG: virtio_test_rng(&devs[i]); break;
+			case VIRTIO_ID_BLOCK: virtio_test_block(&devs[i]); break;
 			default: say("VIRTIO untested id=%x\n", (u64)devs[i].id); break;
 			}
 		}
@@ -463,6 +464,10 @@ void guest_main(u64 boot_info, u64 kind)
 		struct vdev dev;
 		if (virtio_find(cmdline, &dev, 1) == 1)
 			virtio_test_hostile(&dev);
+	} else if (starts_with(test, "blkflush")) {
+		struct vdev dev;
+		if (virtio_find(cmdline, &dev, 1) == 1)
+			virtio_blkflush(&dev);
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)

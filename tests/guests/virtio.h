@@ -111,5 +111,8 @@ long vq_roundtrip(struct vdev *d, struct vq *q, const struct vbuf *bufs, int n);
 /* Device tests, one per device type; each prints VIRTIO-<TYPE> lines. */
 void virtio_test_rng(struct vdev *d);
 void virtio_test_hostile(struct vdev *d);
+void virtio_test_block(struct vdev *d);
+/* test=blkflush: write, flush, report the acknowledgement, hang. */
+void virtio_blkflush(struct vdev *d) __attribute__((noreturn));
 
 #endif
