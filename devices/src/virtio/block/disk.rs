@@ -158,13 +158,17 @@ impl DiskImage {
             let count = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: `rest` holds `count` valid iovecs whose buffers the
-            // caller vouches for; the kernel checks the descriptor.
+            // SAFETY: `rest` holds `count` valid iovecs (`first` is the first)
+            // whose buffers the caller vouches for; the kernel checks the
+            // descriptor.
+            // One buffer (the common case): pread/pwrite, which spare the
+            // kernel copying in an iovec array.
             let n = unsafe {
-                if write {
-                    libc::pwritev(fd, rest.as_ptr(), count, off)
-                } else {
-                    libc::preadv(fd, rest.as_ptr(), count, off)
+                match (write, count) {
+                    (false, 1) => libc::pread(fd, first.iov_base, first.iov_len, off),
+                    (true, 1) => libc::pwrite(fd, first.iov_base, first.iov_len, off),
+                    (false, _) => libc::preadv(fd, rest.as_ptr(), count, off),
+                    (true, _) => libc::pwritev(fd, rest.as_ptr(), count, off),
                 }
             };
             if n < 0 {

@@ -23,7 +23,9 @@
 pub mod disk;
 pub mod request;
 
+use std::num::Wrapping;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -32,7 +34,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_OK,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::disk::{DiskImage, SECTOR_SIZE};
@@ -111,7 +113,27 @@ impl Block {
         let mut chains = 0;
         let mut bytes = 0u64;
         let mut more = false;
-        'outer: loop {
+        let mut spent = false;
+        loop {
+            // An avail index more than a queue's worth ahead is a broken
+            // ring: virtio-queue hands out nothing (and logs an error each
+            // time) while `enable_notification` keeps reporting work, so the
+            // loop would spin. Serve nothing until the driver fixes it.
+            match r.queue.avail_idx(&r.mem, Ordering::Acquire) {
+                Ok(idx) if (idx - Wrapping(r.queue.next_avail())).0 <= r.queue.size() => {}
+                Ok(idx) => {
+                    log::debug!(
+                        "virtio-blk: avail index {idx} is more than {} ahead of {}: ignored",
+                        r.queue.size(),
+                        r.queue.next_avail()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    log::debug!("virtio-blk: cannot read the avail index: {e}");
+                    break;
+                }
+            }
             if let Err(e) = r.queue.disable_notification(&r.mem) {
                 log::debug!("virtio-blk: cannot disable notifications: {e}");
             }
@@ -134,11 +156,16 @@ impl Block {
                 chains += 1;
                 bytes += moved;
                 if chains >= MAX_CHAINS_PER_EVENT || bytes >= MAX_BYTES_PER_EVENT {
-                    more = true;
-                    break 'outer;
+                    spent = true;
+                    break;
                 }
             }
             match r.queue.enable_notification(&r.mem) {
+                // More is waiting but this turn is spent: come back later.
+                Ok(true) if spent => {
+                    more = true;
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -179,14 +206,18 @@ where
         Err(rejected) => {
             log::debug!("virtio-blk: request refused: {}", rejected.error);
             return match rejected.status {
-                Some(addr) if mem.write_obj(rejected.error.status(), addr).is_ok() => (1, 0),
+                Some(addr) if request::write_guest(mem, addr, &[rejected.error.status()]) => (1, 0),
                 _ => (0, 0),
             };
         }
     };
     let (status, written) = match execute(disk, id, mem, &req, flush) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-        Err(e) => {
+        Err(ExecError::Guest(why)) => {
+            log::debug!("virtio-blk: request refused: {why}");
+            (VIRTIO_BLK_S_IOERR as u8, 0)
+        }
+        Err(ExecError::Host(e)) => {
             if *warned {
                 log::debug!("virtio-blk {}: {e}", disk.path().display());
             } else {
@@ -199,10 +230,24 @@ where
             (VIRTIO_BLK_S_IOERR as u8, 0)
         }
     };
-    if mem.write_obj(status, req.status).is_err() {
+    if !request::write_guest(mem, req.status, &[status]) {
         return (0, u64::from(req.len));
     }
     (written + 1, u64::from(req.len))
+}
+
+/// Why a parsed request failed.
+enum ExecError {
+    /// The guest's fault (a data buffer outside guest memory).
+    Guest(String),
+    /// The host's: the image could not be read or written.
+    Host(std::io::Error),
+}
+
+impl From<std::io::Error> for ExecError {
+    fn from(e: std::io::Error) -> Self {
+        ExecError::Host(e)
+    }
 }
 
 /// Carries out a parsed request; returns the bytes written to guest memory.
@@ -212,19 +257,21 @@ fn execute(
     mem: &GuestMemory,
     req: &Request,
     flush: bool,
-) -> std::io::Result<u32> {
+) -> Result<u32, ExecError> {
     match &req.kind {
         RequestKind::Read { sector } => {
-            let mut iov = iovecs(mem, &req.data)?;
             // SAFETY: the iovecs cover guest memory (checked by the parser,
-            // resolved by `iovecs`), which stays mapped while `mem` lives.
-            unsafe { disk.read_vectored_at(&mut iov, sector * SECTOR_SIZE)? };
+            // resolved by `with_iovecs`), which stays mapped while `mem` lives.
+            with_iovecs(mem, &req.data, |iov| unsafe {
+                disk.read_vectored_at(iov, sector * SECTOR_SIZE)
+            })?;
             Ok(req.len)
         }
         RequestKind::Write { sector } => {
-            let mut iov = iovecs(mem, &req.data)?;
             // SAFETY: as for reads; pwritev only reads the buffers.
-            unsafe { disk.write_vectored_at(&mut iov, sector * SECTOR_SIZE)? };
+            with_iovecs(mem, &req.data, |iov| unsafe {
+                disk.write_vectored_at(iov, sector * SECTOR_SIZE)
+            })?;
             if !flush {
                 disk.flush()?;
             }
@@ -234,7 +281,13 @@ fn execute(
             disk.flush()?;
             Ok(0)
         }
-        RequestKind::GetId => Ok(request::scatter(mem, &req.data, &id[..req.len as usize]) as u32),
+        RequestKind::GetId => {
+            let n = request::scatter(mem, &req.data, &id[..req.len as usize]);
+            if n < req.len as usize {
+                return Err(ExecError::Guest("ID buffer not in guest memory".into()));
+            }
+            Ok(n as u32)
+        }
         RequestKind::Discard(ranges) => {
             for r in ranges {
                 let (off, len) = bytes(r);
@@ -262,22 +315,49 @@ fn bytes(r: &Range) -> (u64, u64) {
     (r.sector * SECTOR_SIZE, u64::from(r.sectors) * SECTOR_SIZE)
 }
 
-/// Host iovecs for guest buffers (a buffer that spans memory regions gets
-/// one per region).
-fn iovecs(mem: &GuestMemory, bufs: &[Buffer]) -> std::io::Result<Vec<libc::iovec>> {
-    let mut iov = Vec::with_capacity(bufs.len());
+/// Calls `io` with host iovecs for guest buffers (a buffer that spans
+/// memory regions gets one per region), kept on the stack for up to eight.
+fn with_iovecs<R>(
+    mem: &GuestMemory,
+    bufs: &[Buffer],
+    io: impl FnOnce(&mut [libc::iovec]) -> std::io::Result<R>,
+) -> Result<R, ExecError> {
+    const INLINE: usize = 8;
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut inline = [empty; INLINE];
+    let mut n = 0;
+    let mut heap = Vec::new();
     for b in bufs {
         for slice in GuestMemoryBackend::get_slices(mem, b.addr, b.len as usize) {
-            let slice = slice.map_err(|e| std::io::Error::other(format!("guest buffer: {e}")))?;
-            iov.push(libc::iovec {
+            let slice = slice.map_err(|e| {
+                ExecError::Guest(format!("data buffer {:#x}+{:#x}: {e}", b.addr.0, b.len))
+            })?;
+            let v = libc::iovec {
                 // Plain mmap-backed memory: the guard is only a pointer,
                 // valid as long as the mapping (held by `mem`).
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
-            });
+            };
+            if heap.is_empty() && n < INLINE {
+                inline[n] = v;
+                n += 1;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&inline[..n]);
+                }
+                heap.push(v);
+            }
         }
     }
-    Ok(iov)
+    let result = if heap.is_empty() {
+        io(&mut inline[..n])
+    } else {
+        io(&mut heap)
+    };
+    Ok(result?)
 }
 
 /// The GET_ID string: `id`, or the image's file name; NUL-padded.

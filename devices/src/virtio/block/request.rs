@@ -8,10 +8,12 @@
 //!
 //! [`parse`] is a pure function of the chain, guest memory and the disk's
 //! limits: it checks everything a guest controls (chain shape and length,
-//! directions, addresses, type, sector range, sizes, flags) and returns
-//! either a [`Request`] whose guest buffers are known to lie in guest memory,
-//! or a [`Rejected`] that says which status to report, if the chain has a
-//! usable status byte at all.
+//! directions, type, sector range, sizes, flags, and that the header, status,
+//! ID and segment buffers lie in guest memory) and returns either a
+//! [`Request`] or a [`Rejected`] that says which status to report, if the
+//! chain has a usable status byte at all. The data buffers of reads and
+//! writes are resolved to host memory once, when the I/O is done: one outside
+//! guest memory fails the request before any byte moves.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -61,7 +63,7 @@ pub struct Limits {
 }
 
 /// A buffer in guest memory (checked to be there when parsed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Buffer {
     pub addr: GuestAddress,
     pub len: u32,
@@ -98,8 +100,10 @@ pub enum RequestKind {
 pub struct Request {
     pub kind: RequestKind,
     /// The data buffers, in order (device-writable for Read and GetId,
-    /// device-readable for Write; empty for the others).
-    pub data: Vec<Buffer>,
+    /// device-readable for Write; empty for the others). Those of GetId are
+    /// known to be in guest memory; those of Read and Write are checked
+    /// when they are used.
+    pub data: Buffers,
     /// Their total length (at most [`MAX_DATA_BYTES`]).
     pub len: u32,
     /// Where the status byte goes.
@@ -163,12 +167,72 @@ pub struct Rejected {
     pub error: RequestError,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Desc {
-    addr: GuestAddress,
-    len: u32,
+    buf: Buffer,
     write: bool,
 }
+
+/// Data buffers of a request: most have one to a few, kept without an
+/// allocation.
+pub type Buffers = InlineVec<Buffer, 4>;
+
+/// A list that keeps up to `N` items inline and moves to the heap beyond:
+/// parsing a typical request allocates nothing.
+#[derive(Clone, Debug)]
+pub struct InlineVec<T: Copy + Default, const N: usize> {
+    inline: [T; N],
+    len: usize,
+    heap: Vec<T>,
+}
+
+impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
+    pub fn new() -> Self {
+        InlineVec {
+            inline: [T::default(); N],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, value: T) {
+        if !self.heap.is_empty() {
+            self.heap.push(value);
+        } else if self.len < N {
+            self.inline[self.len] = value;
+            self.len += 1;
+        } else {
+            self.heap.reserve(2 * N);
+            self.heap.extend_from_slice(&self.inline);
+            self.heap.push(value);
+        }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> Default for InlineVec<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Copy + Default, const N: usize> std::ops::Deref for InlineVec<T, N> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
+impl<T: Copy + Default + PartialEq, const N: usize> PartialEq for InlineVec<T, N> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Copy + Default + Eq, const N: usize> Eq for InlineVec<T, N> {}
 
 /// Parses the request in `chain`.
 pub fn parse<M>(
@@ -185,7 +249,7 @@ where
     // The chain's descriptors. The iterator ends quietly on a loop (after
     // queue-size descriptors), a bad next index or an unreadable descriptor:
     // a last descriptor that still says NEXT gives that away.
-    let mut descs: Vec<Desc> = Vec::with_capacity(4);
+    let mut descs: InlineVec<Desc, 4> = InlineVec::new();
     let mut cut_short = false;
     for d in chain {
         if descs.len() == MAX_DESCRIPTORS {
@@ -193,8 +257,10 @@ where
         }
         cut_short = d.has_next();
         descs.push(Desc {
-            addr: d.addr(),
-            len: d.len(),
+            buf: Buffer {
+                addr: d.addr(),
+                len: d.len(),
+            },
             write: d.is_write_only(),
         });
     }
@@ -204,9 +270,10 @@ where
 
     // The status byte: the last byte of the last, device-writable descriptor.
     let status = match descs.last() {
-        Some(d) if d.write && d.len > 0 => d
+        Some(d) if d.write && d.buf.len > 0 => d
+            .buf
             .addr
-            .checked_add(u64::from(d.len) - 1)
+            .checked_add(u64::from(d.buf.len) - 1)
             .filter(|&a| mem.address_in_range(a)),
         _ => None,
     };
@@ -224,19 +291,16 @@ where
     if descs[readable..].iter().any(|d| !d.write) {
         return fail(RequestError::Order);
     }
-    for d in &descs {
-        if !GuestMemoryBackend::check_range(mem, d.addr, d.len as usize) {
-            return fail(RequestError::OutsideMemory {
-                addr: d.addr.raw_value(),
-                len: d.len,
-            });
-        }
-    }
+    let readable_bufs = || descs[..readable].iter().map(|d| d.buf);
+    let writable_bufs = || descs[readable..].iter().map(|d| d.buf);
 
     // The header, from the start of the readable part.
-    let (header_bufs, mut out) = split(&descs[..readable], HEADER_SIZE as u64);
     let mut header = [0u8; HEADER_SIZE];
-    let got = gather(mem, &header_bufs, &mut header);
+    let got = gather(
+        mem,
+        &window(readable_bufs(), 0, HEADER_SIZE as u64),
+        &mut header,
+    );
     if got < HEADER_SIZE {
         return fail(RequestError::ShortHeader(got));
     }
@@ -245,13 +309,15 @@ where
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    // The writable part without its last byte (the status).
-    let writable_len: u64 = descs[readable..].iter().map(|d| u64::from(d.len)).sum();
-    let (mut input, _) = split(&descs[readable..], writable_len - 1);
+    // What follows the header, and the writable part without its last
+    // byte (the status).
+    let mut out = window(readable_bufs(), HEADER_SIZE as u64, u64::MAX);
+    let writable_len: u64 = writable_bufs().map(|b| u64::from(b.len)).sum();
+    let mut input = window(writable_bufs(), 0, writable_len - 1);
     let out_len: u64 = out.iter().map(|b| u64::from(b.len)).sum();
     let in_len: u64 = input.iter().map(|b| u64::from(b.len)).sum();
 
-    let request = |kind, data: Vec<Buffer>, len: u64| {
+    let request = |kind, data: Buffers, len: u64| {
         Ok(Request {
             kind,
             data,
@@ -290,13 +356,14 @@ where
             request(kind, data, len)
         }
         // A flush has no data (the driver SHOULD include none: ignore any).
-        VIRTIO_BLK_T_FLUSH => request(RequestKind::Flush, Vec::new(), 0),
+        VIRTIO_BLK_T_FLUSH => request(RequestKind::Flush, Buffers::new(), 0),
         VIRTIO_BLK_T_GET_ID => {
             if out_len != 0 || in_len == 0 {
                 return fail(RequestError::Direction(kind));
             }
             // The ID is 20 bytes; a longer buffer gets 20.
-            let (data, _) = split(&input, ID_BYTES as u64);
+            let data = window(input.iter().copied(), 0, ID_BYTES as u64);
+            in_memory(mem, &data).map_err(rejected)?;
             request(RequestKind::GetId, data, in_len.min(ID_BYTES as u64))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -310,15 +377,30 @@ where
             if limits.readonly {
                 return fail(RequestError::ReadOnly);
             }
+            in_memory(mem, &out).map_err(rejected)?;
             let ranges = segments(mem, &out, out_len, discard, limits.sectors).map_err(rejected)?;
             let kind = if discard {
                 RequestKind::Discard(ranges)
             } else {
                 RequestKind::WriteZeroes(ranges)
             };
-            request(kind, Vec::new(), 0)
+            request(kind, Buffers::new(), 0)
         }
         other => fail(RequestError::Unsupported(other)),
+    }
+}
+
+/// Every buffer must lie in guest memory.
+fn in_memory(mem: &GuestMemory, bufs: &[Buffer]) -> Result<(), RequestError> {
+    match bufs
+        .iter()
+        .find(|b| !GuestMemoryBackend::check_range(mem, b.addr, b.len as usize))
+    {
+        Some(b) => Err(RequestError::OutsideMemory {
+            addr: b.addr.raw_value(),
+            len: b.len,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -381,45 +463,27 @@ fn segments(
     Ok(ranges)
 }
 
-/// Splits `descs` at byte `at`: the buffers before it and those after.
-fn split(descs: &[impl Into<Buffer> + Copy], at: u64) -> (Vec<Buffer>, Vec<Buffer>) {
-    let mut head = Vec::with_capacity(1);
-    let mut tail = Vec::with_capacity(descs.len());
-    let mut left = at;
-    for d in descs {
-        let b: Buffer = (*d).into();
-        if left >= u64::from(b.len) {
-            left -= u64::from(b.len);
-            if b.len > 0 {
-                head.push(b);
-            }
-        } else {
-            // `left` < b.len, so both parts fit in u32 and the address
-            // (checked to be in guest memory with the whole buffer) does not wrap.
-            let cut = left as u32;
-            if cut > 0 {
-                head.push(Buffer {
-                    addr: b.addr,
-                    len: cut,
-                });
-            }
-            tail.push(Buffer {
-                addr: b.addr.unchecked_add(u64::from(cut)),
-                len: b.len - cut,
+/// The part of the byte stream `bufs` from byte `from` up to byte `to`.
+fn window(bufs: impl Iterator<Item = Buffer>, from: u64, to: u64) -> Buffers {
+    let mut out = Buffers::new();
+    let mut pos = 0u64;
+    for b in bufs {
+        let (start, end) = (pos, pos + u64::from(b.len));
+        pos = end;
+        let (lo, hi) = (start.max(from), end.min(to));
+        if lo < hi {
+            // Both fit in u32 (within one buffer), and the address (checked
+            // to be in guest memory with the whole buffer) does not wrap.
+            out.push(Buffer {
+                addr: b.addr.unchecked_add(lo - start),
+                len: (hi - lo) as u32,
             });
-            left = 0;
+        }
+        if pos >= to {
+            break;
         }
     }
-    (head, tail)
-}
-
-impl From<Desc> for Buffer {
-    fn from(d: Desc) -> Buffer {
-        Buffer {
-            addr: d.addr,
-            len: d.len,
-        }
-    }
+    out
 }
 
 /// Copies from `bufs` into `out` until either runs out; returns the bytes copied.
@@ -430,7 +494,7 @@ fn gather(mem: &GuestMemory, bufs: &[Buffer], out: &mut [u8]) -> usize {
             break;
         }
         let n = (out.len() - done).min(b.len as usize);
-        if mem.read_slice(&mut out[done..done + n], b.addr).is_err() {
+        if !read_guest(mem, b.addr, &mut out[done..done + n]) {
             break;
         }
         done += n;
@@ -447,10 +511,32 @@ pub fn scatter(mem: &GuestMemory, bufs: &[Buffer], data: &[u8]) -> usize {
             break;
         }
         let n = (data.len() - done).min(b.len as usize);
-        if mem.write_slice(&data[done..done + n], b.addr).is_err() {
+        if !write_guest(mem, b.addr, &data[done..done + n]) {
             break;
         }
         done += n;
     }
     done
+}
+
+/// Reads `out.len()` bytes of guest memory at `addr`. A range within one
+/// memory region (nearly always) is copied through its host slice, several
+/// times cheaper than vm-memory's general `Bytes` path, which it falls back
+/// to for ranges that span regions.
+pub fn read_guest(mem: &GuestMemory, addr: GuestAddress, out: &mut [u8]) -> bool {
+    match GuestMemoryBackend::get_slice(mem, addr, out.len()) {
+        Ok(slice) => slice.copy_to(out) == out.len(),
+        Err(_) => mem.read_slice(out, addr).is_ok(),
+    }
+}
+
+/// Writes `data` to guest memory at `addr` (as [`read_guest`] reads).
+pub fn write_guest(mem: &GuestMemory, addr: GuestAddress, data: &[u8]) -> bool {
+    match GuestMemoryBackend::get_slice(mem, addr, data.len()) {
+        Ok(slice) if slice.len() == data.len() => {
+            slice.copy_from(data);
+            true
+        }
+        _ => mem.write_slice(data, addr).is_ok(),
+    }
 }

@@ -768,3 +768,22 @@ fn the_transport_refuses_bad_queues_for_the_block_device() {
         assert_eq!(u64::from_le_bytes(cap), 8);
     }
 }
+
+/// Found by the fuzzer: an avail index more than a queue's worth ahead made
+/// `enable_notification` report work forever that `pop_descriptor_chain`
+/// refused to hand out, and the device spun on the event loop.
+#[test]
+fn an_avail_index_far_ahead_does_not_hang_the_device() {
+    for event_idx in [false, true] {
+        let features = all_features() | if event_idx { F_EVENT_IDX } else { 0 };
+        let mut h = Harness::with("ahead.img", 4096, false, None, features);
+        assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, 512, W), (OK, 513));
+        h.mem.write_obj(1000u16, h.avail.unchecked_add(2)).unwrap();
+        h.run();
+        assert_eq!(h.used_count(), 1, "nothing served from a broken ring");
+        assert!(h.block.queue_events[0].read().is_err(), "and not re-armed");
+        // The driver fixes its index: the device serves again.
+        h.mem.write_obj(h.chains, h.avail.unchecked_add(2)).unwrap();
+        assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, 512, W), (OK, 513));
+    }
+}
