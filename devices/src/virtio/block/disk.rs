@@ -217,6 +217,9 @@ impl DiskImage {
     /// range reads as zeros afterwards. File systems that cannot punch
     /// holes leave the data as it was, which a discard allows.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -230,6 +233,9 @@ impl DiskImage {
     /// Makes the range read as zeros. With `unmap` the space may be given
     /// back to the host (a hole); without, it stays allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         if unmap {
             match self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,

@@ -568,6 +568,13 @@ fn discard_and_write_zeroes() {
     assert_eq!(f[9 * 512], pattern(9 * 512));
     assert_eq!(f.len() as u64, SECTORS * 512);
 
+    // Empty segments are fine (fallocate would refuse a zero length).
+    let segs = [segment(3, 0, 0), segment(SECTORS, 0, 0)].concat();
+    h.mem.write_slice(&segs, GuestAddress(DATA)).unwrap();
+    assert_eq!(h.request(VIRTIO_BLK_T_DISCARD, 0, 32, R), (OK, 1));
+    assert_eq!(h.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 32, R), (OK, 1));
+    assert!(!h.block.warned, "no host error");
+
     let before = h.file();
     for (kind, segs, status) in [
         // Unknown flags, and unmap on a discard: unsupported.
