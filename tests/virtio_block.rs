@@ -286,3 +286,55 @@ fn flushed_data_survives_sigkill() {
     );
     assert_eq!(&after[4096..], &before[4096..]);
 }
+
+/// FLUSH reaches the image: under strace, the guest's FLUSH shows up as an
+/// fdatasync(2) of the image file, which returned before the guest saw the
+/// acknowledgement (the device completes the request after the call).
+#[test]
+fn flush_is_an_fdatasync_of_the_image() {
+    let g = guests();
+    let img = random_file("strace.img", 1 << 20, 41);
+    let log = img.with_extension("strace");
+    let mut child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fdatasync", "-o"])
+        .arg(&log)
+        .arg(common::LIGERA)
+        .args([
+            "run",
+            "--kernel",
+            g.elf64.to_str().unwrap(),
+            "--no-host-quirks",
+            "--memory",
+            "32M",
+            "--serial",
+            "none",
+            "--disk",
+            &disk_arg(&img, ""),
+            "--cmdline",
+            "test=virtio",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("strace is needed (resources/setup.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ligera under strace hung"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let name = img.file_name().unwrap().to_str().unwrap();
+    let syncs: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("fdatasync(") && l.contains(name))
+        .collect();
+    // The test guest sends one FLUSH to the writable disk.
+    assert_eq!(syncs.len(), 1, "{trace}");
+    assert!(syncs[0].trim_end().ends_with("= 0"), "{trace}");
+}
