@@ -200,7 +200,11 @@ fn run(name: &str, path: &std::path::Path, kind: u32, random: bool, size: u64) {
     // The host reads into (writes from) as many buffers as the device's
     // requests use, in the same rotation, so both touch the same amount of
     // memory.
-    let mut bufs = vec![1u8; size as usize * usize::from(BATCH)];
+    // Page-aligned, as the guest's buffers are (a heap block of this size
+    // starts 16 bytes into a page, which makes every copy straddle pages).
+    let mut heap = vec![1u8; size as usize * usize::from(BATCH) + 4096];
+    let skew = heap.as_ptr().align_offset(4096);
+    let bufs = &mut heap[skew..];
     let mut best_dev: Option<Figure> = None;
     let mut best_host: Option<Figure> = None;
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;

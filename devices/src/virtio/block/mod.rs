@@ -7,8 +7,12 @@
 //!   outside it fails with VIRTIO_BLK_S_IOERR, an unknown request type with
 //!   VIRTIO_BLK_S_UNSUPP, a write to a read-only disk with IOERR (and
 //!   nothing is written).
-//! - Data moves with preadv/pwritev straight between the image and guest
-//!   memory, at most [`request::MAX_DATA_BYTES`] per request.
+//! - Data moves with pread/pwrite (preadv/pwritev for several buffers)
+//!   straight between the image and guest memory, at most
+//!   [`request::MAX_DATA_BYTES`] per request. Requests are parsed by
+//!   [`request::parse`] from virtio-queue's descriptor chains; the data
+//!   buffers are resolved to host slices rather than read through
+//!   virtio-queue's `Reader`/`Writer`, which only copy.
 //! - FLUSH returns only after fdatasync(2) on the image has. If the driver
 //!   did not negotiate VIRTIO_BLK_F_FLUSH, every write is synced before it
 //!   completes (the spec's write-through case).
