@@ -171,6 +171,7 @@ void virtio_blkflush(struct vdev *d)
 	u32 write_status = blk_rw(d, BLK_T_OUT, 0, blk_buf, 4096);
 	u32 flush_status = blk_request(d, BLK_T_FLUSH, 0, 0, 0, 0);
 	say("BLKFLUSH acked write_status=%x flush_status=%x\n", (u64)write_status, (u64)flush_status);
+	say("BLKFLUSH hanging\n"); /* the line above is complete */
 	for (;;)
 		__asm__ volatile("pause");
 }
