@@ -47,7 +47,10 @@ fn devices() -> &'static Mutex<Devices> {
         let make = |name: &str, readonly: bool| {
             let path = dir.join(format!("ligera-fuzz-{}-{name}", std::process::id()));
             std::fs::write(&path, vec![0x5au8; 64 * 512 + 100]).unwrap();
-            Block::new(DiskImage::open(&path, readonly).unwrap(), None).unwrap()
+            let disk = DiskImage::open(&path, readonly).unwrap();
+            // Open, it needs no name: nothing is left behind in /dev/shm.
+            let _ = std::fs::remove_file(&path);
+            Block::new(disk, None).unwrap()
         };
         Mutex::new(Devices {
             rw: make("rw.img", false),

@@ -198,6 +198,12 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 fn bit(b: u32) -> u64 {
     1 << b
 }
