@@ -15,6 +15,7 @@ PACKAGES=(
     busybox-static                          # initramfs
     qemu-system-x86                         # the benchmark's peer
     iproute2 procps strace                  # network tests, diagnostics
+    e2fsprogs                               # ext4 images for the Linux block test
 )
 
 missing=()

@@ -466,6 +466,7 @@ void guest_main(u64 boot_info, u64 kind)
 			switch (devs[i].id) {
 			case VIRTIO_ID_RNG: virtio_test_rng(&devs[i]); break;
 			case VIRTIO_ID_VSOCK: virtio_test_vsock(&devs[i]); break;
+			case VIRTIO_ID_BLOCK: virtio_test_block(&devs[i]); break;
 			default: say("VIRTIO untested id=%x\n", (u64)devs[i].id); break;
 			}
 		}
@@ -482,6 +483,10 @@ void guest_main(u64 boot_info, u64 kind)
 		for (u64 a = 16ULL << 20; a < (16ULL + n) << 20; a += 4096)
 			*(volatile u8 *)a = 1;
 		say("TOUCHED mib=%x\n", n);
+	} else if (starts_with(test, "blkflush")) {
+		struct vdev dev;
+		if (virtio_find(cmdline, &dev, 1) == 1)
+			virtio_blkflush(&dev);
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)

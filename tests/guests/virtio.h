@@ -112,5 +112,8 @@ long vq_roundtrip(struct vdev *d, struct vq *q, const struct vbuf *bufs, int n);
 void virtio_test_rng(struct vdev *d);
 void virtio_test_hostile(struct vdev *d);
 void virtio_test_vsock(struct vdev *d);
+void virtio_test_block(struct vdev *d);
+/* test=blkflush: write, flush, report the acknowledgement, hang. */
+void virtio_blkflush(struct vdev *d) __attribute__((noreturn));
 
 #endif

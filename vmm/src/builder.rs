@@ -15,6 +15,7 @@ use arch::paging::write_identity_page_tables;
 use devices::Bus;
 use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
+use devices::virtio::block::{Block, disk::DiskImage};
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, rng::Rng};
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -82,6 +83,8 @@ pub enum BuildError {
     TooManyDevices(u32),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("--disk: {0}")]
+    Disk(#[from] devices::virtio::block::DiskError),
 }
 
 type Result<T> = std::result::Result<T, BuildError>;
@@ -293,14 +296,16 @@ fn create_devices(
     if config.rng {
         slots.add("virtio-rng", Rng::new().map_err(BuildError::EventFd)?)?;
     }
+    for disk in &config.disks {
+        let image = DiskImage::open(&disk.path, disk.readonly)?;
+        let block = Block::new(image, disk.id.as_deref()).map_err(BuildError::EventFd)?;
+        slots.add("virtio-blk", block)?;
+    }
     if let Some(v) = &config.vsock {
         slots.add("virtio-vsock", Vsock::new(v.cid, &v.socket)?)?;
     }
     // Parsed, but their devices are not built yet: refuse rather than ignore.
-    for (flag, given) in [
-        ("--disk", !config.disks.is_empty()),
-        ("--net", !config.nets.is_empty()),
-    ] {
+    for (flag, given) in [("--net", !config.nets.is_empty())] {
         if given {
             return Err(BuildError::Unsupported(flag));
         }

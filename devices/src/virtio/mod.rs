@@ -13,6 +13,7 @@
 //! `event-manager` subscribers; interrupts leave through an event fd (a KVM
 //! irqfd).
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
