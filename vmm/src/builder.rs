@@ -15,7 +15,7 @@ use arch::paging::write_identity_page_tables;
 use devices::Bus;
 use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
-use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, rng::Rng};
+use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, net, rng::Rng};
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::IoEventAddress;
@@ -79,6 +79,8 @@ pub enum BuildError {
     Unsupported(&'static str),
     #[error("too many virtio devices: ligera has interrupt lines for {0}")]
     TooManyDevices(u32),
+    #[error("--net: {0}")]
+    Tap(#[from] net::TapError),
 }
 
 type Result<T> = std::result::Result<T, BuildError>;
@@ -290,10 +292,15 @@ fn create_devices(
     if config.rng {
         slots.add("virtio-rng", Rng::new().map_err(BuildError::EventFd)?)?;
     }
+    for nic in &config.nets {
+        let mac = nic.mac.unwrap_or_else(net::random_mac);
+        let device = net::Net::new(net::Tap::open(&nic.tap)?, mac).map_err(BuildError::EventFd)?;
+        log::info!("virtio-net: tap {}, MAC {}", nic.tap, net::format_mac(&mac));
+        slots.add(&format!("virtio-net({})", nic.tap), device)?;
+    }
     // Parsed, but their devices are not built yet: refuse rather than ignore.
     for (flag, given) in [
         ("--disk", !config.disks.is_empty()),
-        ("--net", !config.nets.is_empty()),
         ("--vsock", config.vsock.is_some()),
     ] {
         if given {

@@ -14,6 +14,7 @@
 //! irqfd).
 
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::sync::Arc;
