@@ -456,6 +456,7 @@ void guest_main(u64 boot_info, u64 kind)
 		for (int i = 0; i < n; i++) {
 			switch (devs[i].id) {
 			case VIRTIO_ID_RNG: virtio_test_rng(&devs[i]); break;
+			case VIRTIO_ID_NET: virtio_test_net(&devs[i]); break;
 			default: say("VIRTIO untested id=%x\n", (u64)devs[i].id); break;
 			}
 		}

@@ -111,5 +111,6 @@ long vq_roundtrip(struct vdev *d, struct vq *q, const struct vbuf *bufs, int n);
 /* Device tests, one per device type; each prints VIRTIO-<TYPE> lines. */
 void virtio_test_rng(struct vdev *d);
 void virtio_test_hostile(struct vdev *d);
+void virtio_test_net(struct vdev *d);
 
 #endif

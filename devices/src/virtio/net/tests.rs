@@ -788,3 +788,84 @@ fn transport_refuses_bad_queue_sizes() {
         assert_eq!(net.lock().unwrap().is_active(), ok, "size {size}");
     }
 }
+
+/// A real tap deleted under an active device: no spinning, transmit
+/// frames are dropped and counted, the device carries on. Needs root (CI
+/// runs as root) and `ip` (iproute2).
+#[test]
+fn a_deleted_tap_is_survived() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test creates a TAP device: run it as root (CI does)");
+    }
+    let name = format!("lgu{}", std::process::id() % 1_000_000);
+    let tap = Tap::open(&name).unwrap_or_else(|e| panic!("{e}"));
+    let ip = |args: &[&str]| {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip {args:?}");
+    };
+    ip(&["link", "set", &name, "up"]);
+    let mut g = Guest::with_size(BASIC, 16);
+    let net = Net::new(tap, MAC).unwrap();
+    let rx_evt = net.queue_events[RX_QUEUE].try_clone().unwrap();
+    let tx_evt = net.queue_events[TX_QUEUE].try_clone().unwrap();
+    let net = Arc::new(Mutex::new(net));
+    let mut events: EventManager<Arc<Mutex<Net<Tap>>>> = EventManager::new().unwrap();
+    events.add_subscriber(net.clone());
+    // Activate the tap device on the guest's rings.
+    let queues = [RX_QUEUE, TX_QUEUE].map(|q| {
+        let mut queue = Queue::new(16).unwrap();
+        queue
+            .try_set_desc_table_address(GuestAddress(RING_BASE[q]))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(avail_addr(q)))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(used_addr(q)))
+            .unwrap();
+        queue.set_ready(true);
+        queue
+    });
+    net.lock()
+        .unwrap()
+        .activate(Activation {
+            mem: g.mem.clone(),
+            queues: queues.into(),
+            features: BASIC,
+            interrupt: Arc::new(Interrupt::new(g.irq.try_clone().unwrap())),
+        })
+        .unwrap();
+    g.post(RX_QUEUE, &[d(DATA, 1526, W)]);
+    g.post(RX_QUEUE, &[d(DATA + 0x1000, 1526, W)]);
+    let run = |events: &mut EventManager<Arc<Mutex<Net<Tap>>>>| {
+        for _ in 0..1000 {
+            if events.run_with_timeout(10).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("the event loop does not settle");
+    };
+    run(&mut events);
+    assert_eq!(net.lock().unwrap().watching, Some(EventSet::IN));
+    // A frame to the tap works while it exists.
+    g.send(DATA + 0x2000, &frame(60, 1), 60);
+    tx_evt.write(1).unwrap();
+    run(&mut events);
+    assert_eq!(net.lock().unwrap().stats().tx_frames, 1);
+    ip(&["link", "del", &name]);
+    run(&mut events);
+    // The tap reports an error forever: the device stopped watching it.
+    assert_eq!(net.lock().unwrap().watching, None);
+    g.send(DATA + 0x3000, &frame(60, 2), 60);
+    tx_evt.write(1).unwrap();
+    rx_evt.write(1).unwrap();
+    run(&mut events);
+    let s = net.lock().unwrap().stats();
+    assert_eq!((s.tx_frames, s.tx_dropped), (1, 1), "{s:?}");
+    assert_eq!(g.used(TX_QUEUE).len(), 2);
+}
