@@ -400,3 +400,47 @@ fn a_deleted_tap_does_not_make_the_event_loop_spin() {
     assert!(spent < 20, "event loop used {spent} ticks in 1 s:\n{out}");
     assert_eq!(out.stderr.lines().count(), 1, "only the signal: {out}");
 }
+
+#[test]
+fn each_net_flag_is_a_device_with_its_own_mac() {
+    require_root();
+    let (a, b) = (tap_name("f"), tap_name("g"));
+    let kernel = guests().elf64.to_str().unwrap().to_string();
+    let out = common::run(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--no-host-quirks",
+            "--memory",
+            "32M",
+            "--log-level",
+            "info",
+            "--net",
+            &format!("tap={a}"),
+            "--net",
+            &format!("tap={b},mac=02:00:00:00:00:42"),
+            "--cmdline",
+            "test=report",
+        ],
+        TIMEOUT,
+    );
+    out.assert_ok();
+    let cmdline = out.line("CMDLINE");
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0000000:5")
+            && cmdline.contains("virtio_mmio.device=4K@0xd0001000:6"),
+        "{out}"
+    );
+    let macs: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("virtio-net: tap"))
+        .collect();
+    assert_eq!(macs.len(), 2, "{out}");
+    assert!(macs[0].contains(&format!("tap {a}, MAC 02:")), "{out}");
+    assert!(
+        macs[1].contains(&format!("tap {b}, MAC 02:00:00:00:00:42")),
+        "{out}"
+    );
+}

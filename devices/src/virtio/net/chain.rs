@@ -8,7 +8,7 @@
 //! outside guest RAM.
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
     F_CSUM, F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_ECN, F_HOST_TSO4,
@@ -74,15 +74,100 @@ pub enum ChainError {
     BadGso(u8),
 }
 
-/// Copies a transmit chain (header and frame) into `buf`, which bounds it;
-/// returns its length. Checks directions, addresses and the chain's end; the
-/// header is checked by [`check_tx_header`].
+/// A checked transmit chain: a copy of its virtio-net header, and where the
+/// rest of the frame lies in guest memory.
+#[derive(Debug, Default)]
+pub struct TxFrame {
+    header: [u8; HDR_LEN],
+    /// Frame length, header included.
+    len: usize,
+    /// The bytes after the header: guest memory ranges, all checked.
+    segments: Vec<(GuestAddress, usize)>,
+}
+
+impl TxFrame {
+    pub fn new() -> TxFrame {
+        TxFrame::default()
+    }
+
+    /// Length with the header.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn header(&self) -> &[u8; HDR_LEN] {
+        &self.header
+    }
+
+    /// Copies the frame, header first, into `buf` (at least `len` bytes).
+    pub fn copy_to(&self, mem: &GuestMemory, buf: &mut [u8]) -> Result<usize, ChainError> {
+        if buf.len() < self.len {
+            return Err(ChainError::TooLong);
+        }
+        buf[..HDR_LEN].copy_from_slice(&self.header);
+        let mut at = HDR_LEN;
+        for &(addr, len) in &self.segments {
+            mem.read_slice(&mut buf[at..at + len], addr).map_err(|_| {
+                ChainError::OutsideMemory {
+                    addr: addr.0,
+                    len: len as u32,
+                }
+            })?;
+            at += len;
+        }
+        Ok(at)
+    }
+
+    /// Appends host I/O vectors for the frame to `iov`: the header (this
+    /// copy of it), then the guest memory holding the rest. They point into
+    /// `self` and `mem`, and are valid while both are.
+    pub fn iovecs(&self, mem: &GuestMemory, iov: &mut Vec<libc::iovec>) -> Result<(), ChainError> {
+        iov.push(libc::iovec {
+            iov_base: self.header.as_ptr() as *mut libc::c_void,
+            iov_len: HDR_LEN,
+        });
+        for &(addr, len) in &self.segments {
+            guest_iovecs(mem, addr, len, iov)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends host I/O vectors for `len` bytes of guest memory at `addr`.
+/// They stay valid as long as `mem` (its mappings) does.
+fn guest_iovecs(
+    mem: &GuestMemory,
+    addr: GuestAddress,
+    len: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<(), ChainError> {
+    for slice in mem.get_slices(addr, len) {
+        let slice = slice.map_err(|_| ChainError::OutsideMemory {
+            addr: addr.0,
+            len: len as u32,
+        })?;
+        iov.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a transmit chain (directions, addresses, length, its end) and
+/// records it in `frame`: the header copied, the rest as guest memory
+/// ranges. The header is checked by [`check_tx_header`].
 pub fn read_tx_chain(
     mem: &GuestMemory,
     chain: DescriptorChain<&GuestMemory>,
-    buf: &mut [u8],
-) -> Result<usize, ChainError> {
-    let mut len = 0usize;
+    frame: &mut TxFrame,
+) -> Result<(), ChainError> {
+    frame.len = 0;
+    frame.segments.clear();
     let mut seen = false;
     let mut more = false;
     for desc in chain {
@@ -91,16 +176,32 @@ pub fn read_tx_chain(
             return Err(ChainError::WritableInTx);
         }
         let n = desc.len() as usize;
-        let end = len
+        let end = frame
+            .len
             .checked_add(n)
-            .filter(|&end| end <= buf.len())
+            .filter(|&end| end <= MAX_TX_FRAME)
             .ok_or(ChainError::TooLong)?;
-        mem.read_slice(&mut buf[len..end], desc.addr())
-            .map_err(|_| ChainError::OutsideMemory {
-                addr: desc.addr().0,
-                len: desc.len(),
-            })?;
-        len = end;
+        let outside = ChainError::OutsideMemory {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        if !mem.check_range(desc.addr(), n) {
+            return Err(outside);
+        }
+        // The header may be spread over descriptors: copy it out.
+        let in_header = HDR_LEN.saturating_sub(frame.len).min(n);
+        if in_header > 0 {
+            mem.read_slice(
+                &mut frame.header[frame.len..frame.len + in_header],
+                desc.addr(),
+            )
+            .map_err(|_| outside.clone())?;
+        }
+        if n > in_header {
+            let addr = desc.addr().checked_add(in_header as u64).ok_or(outside)?;
+            frame.segments.push((addr, n - in_header));
+        }
+        frame.len = end;
         more = desc.has_next();
     }
     if !seen {
@@ -112,23 +213,28 @@ pub fn read_tx_chain(
     if more {
         return Err(ChainError::Unterminated);
     }
-    if len < HDR_LEN + ETH_HLEN {
-        return Err(ChainError::TooShort(len));
+    if frame.len < HDR_LEN + ETH_HLEN {
+        return Err(ChainError::TooShort(frame.len));
     }
-    Ok(len)
+    Ok(())
 }
 
 fn u16_at(frame: &[u8], offset: usize) -> u16 {
     u16::from_le_bytes([frame[offset], frame[offset + 1]])
 }
 
-/// Checks the header of a transmitted `frame` (header included) against the
-/// features the driver agreed to: the driver may ask for checksum and
-/// segmentation offloads only as far as it negotiated them.
-pub fn check_tx_header(frame: &[u8], features: u64) -> Result<(), ChainError> {
-    if frame.len() < HDR_LEN + ETH_HLEN {
-        return Err(ChainError::TooShort(frame.len()));
+/// Checks the `header` of a transmitted frame of `len` bytes (header
+/// included) against the features the driver agreed to: the driver may ask
+/// for checksum and segmentation offloads only as far as it negotiated them.
+pub fn check_tx_header(
+    header: &[u8; HDR_LEN],
+    len: usize,
+    features: u64,
+) -> Result<(), ChainError> {
+    if len < HDR_LEN + ETH_HLEN {
+        return Err(ChainError::TooShort(len));
     }
+    let frame = header;
     let flags = frame[OFF_FLAGS];
     if flags & !HDR_F_NEEDS_CSUM != 0 {
         return Err(ChainError::BadFlags(flags));
@@ -141,7 +247,7 @@ pub fn check_tx_header(frame: &[u8], features: u64) -> Result<(), ChainError> {
             u16_at(frame, OFF_CSUM_START),
             u16_at(frame, OFF_CSUM_OFFSET),
         );
-        let payload = frame.len() - HDR_LEN;
+        let payload = len - HDR_LEN;
         if usize::from(start) + usize::from(offset) + 2 > payload {
             return Err(ChainError::BadCsumPosition {
                 start,
@@ -168,14 +274,19 @@ pub fn check_tx_header(frame: &[u8], features: u64) -> Result<(), ChainError> {
     Ok(())
 }
 
-/// Prepares the header of a received frame for a driver with `features`:
-/// flags it did not agree to are cleared, or the frame refused when the
-/// kernel left work for it that it cannot do (a partial checksum, a
-/// segmentation-offload frame).
-pub fn fix_rx_header(frame: &mut [u8], features: u64) -> Result<(), ChainError> {
-    if frame.len() < HDR_LEN + ETH_HLEN {
-        return Err(ChainError::TooShort(frame.len()));
+/// Prepares the `header` of a received frame of `len` bytes (header
+/// included) for a driver with `features`: flags it did not agree to are
+/// cleared, or the frame refused when the kernel left work for it that it
+/// cannot do (a partial checksum, a segmentation-offload frame).
+pub fn fix_rx_header(
+    header: &mut [u8; HDR_LEN],
+    len: usize,
+    features: u64,
+) -> Result<(), ChainError> {
+    if len < HDR_LEN + ETH_HLEN {
+        return Err(ChainError::TooShort(len));
     }
+    let frame = header;
     let flags = frame[OFF_FLAGS];
     if features & F_GUEST_CSUM == 0 {
         if flags & HDR_F_NEEDS_CSUM != 0 {
@@ -321,15 +432,29 @@ mod tests {
             .unwrap();
         let mut q = queue(&mem, &[d(0x1_0000, 30, N, 1), d(0x2_0000, 70, 0, 0)]);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut f = TxFrame::new();
+        assert_eq!(read_tx_chain(&mem, chain, &mut f), Ok(()));
+        assert_eq!(f.len(), 100);
+        assert_eq!(&f.header()[..], &data[..HDR_LEN]);
         let mut buf = vec![0u8; MAX_TX_FRAME];
-        assert_eq!(read_tx_chain(&mem, chain, &mut buf), Ok(100));
+        assert_eq!(f.copy_to(&mem, &mut buf), Ok(100));
         assert_eq!(&buf[..100], &data[..]);
+        // The I/O vectors: the header copy, then guest memory after it.
+        let mut iov = Vec::new();
+        f.iovecs(&mem, &mut iov).unwrap();
+        let lens: Vec<usize> = iov.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [HDR_LEN, 30 - HDR_LEN, 70]);
+        assert_eq!(iov[0].iov_base as *const u8, f.header().as_ptr());
+        let host = mem
+            .get_host_address(GuestAddress(0x1_0000 + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(iov[1].iov_base as *mut u8, host);
     }
 
     #[test]
     fn tx_chain_errors() {
         let mem = mem();
-        let mut buf = vec![0u8; MAX_TX_FRAME];
+        let mut f = TxFrame::new();
         let cases: Vec<(Vec<RawDescriptor>, ChainError)> = vec![
             (vec![d(0x1_0000, 64, W, 0)], ChainError::WritableInTx),
             (
@@ -371,7 +496,7 @@ mod tests {
             let mut q = queue(&mem, &descs);
             let chain = q.pop_descriptor_chain(&mem).unwrap();
             assert_eq!(
-                read_tx_chain(&mem, chain, &mut buf),
+                read_tx_chain(&mem, chain, &mut f),
                 Err(want.clone()),
                 "{descs:?}"
             );
@@ -381,7 +506,7 @@ mod tests {
         let mut q = queue(&mem, &ring);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         assert_eq!(
-            read_tx_chain(&mem, chain, &mut buf),
+            read_tx_chain(&mem, chain, &mut f),
             Err(ChainError::Unterminated)
         );
     }
@@ -396,8 +521,18 @@ mod tests {
         }
         let mut q = queue(&mem, &[d(0x3_0000, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let mut buf = vec![0u8; MAX_TX_FRAME];
-        assert_eq!(read_tx_chain(&mem, chain, &mut buf), Ok(50));
+        let mut f = TxFrame::new();
+        assert_eq!(read_tx_chain(&mem, chain, &mut f), Ok(()));
+        assert_eq!(f.len(), 50);
+    }
+
+    fn chk(frame: &[u8], features: u64) -> Result<(), ChainError> {
+        check_tx_header(frame[..HDR_LEN].try_into().unwrap(), frame.len(), features)
+    }
+
+    fn fix(frame: &mut [u8], features: u64) -> Result<(), ChainError> {
+        let len = frame.len();
+        fix_rx_header((&mut frame[..HDR_LEN]).try_into().unwrap(), len, features)
     }
 
     fn tx_frame(flags: u8, gso: u8, csum_start: u16, csum_offset: u16) -> Vec<u8> {
@@ -414,23 +549,20 @@ mod tests {
     fn tx_headers_follow_the_features() {
         let all = F_VERSION_1 | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_ECN;
         let plain = tx_frame(0, GSO_NONE, 0, 0);
-        assert_eq!(check_tx_header(&plain, F_VERSION_1), Ok(()));
+        assert_eq!(chk(&plain, F_VERSION_1), Ok(()));
         let csum = tx_frame(HDR_F_NEEDS_CSUM, GSO_NONE, 34, 16);
-        assert_eq!(check_tx_header(&csum, all), Ok(()));
-        assert_eq!(
-            check_tx_header(&csum, F_VERSION_1),
-            Err(ChainError::CsumNotNegotiated)
-        );
+        assert_eq!(chk(&csum, all), Ok(()));
+        assert_eq!(chk(&csum, F_VERSION_1), Err(ChainError::CsumNotNegotiated));
         assert!(matches!(
-            check_tx_header(&tx_frame(HDR_F_NEEDS_CSUM, 0, 50, 9), all),
+            chk(&tx_frame(HDR_F_NEEDS_CSUM, 0, 50, 9), all),
             Err(ChainError::BadCsumPosition { .. })
         ));
         assert!(matches!(
-            check_tx_header(&tx_frame(HDR_F_NEEDS_CSUM, 0, u16::MAX, u16::MAX), all),
+            chk(&tx_frame(HDR_F_NEEDS_CSUM, 0, u16::MAX, u16::MAX), all),
             Err(ChainError::BadCsumPosition { .. })
         ));
         assert_eq!(
-            check_tx_header(&tx_frame(HDR_F_DATA_VALID, 0, 0, 0), all),
+            chk(&tx_frame(HDR_F_DATA_VALID, 0, 0, 0), all),
             Err(ChainError::BadFlags(HDR_F_DATA_VALID))
         );
         for (gso, feature) in [
@@ -439,50 +571,41 @@ mod tests {
             (GSO_TCPV4 | GSO_ECN, F_HOST_TSO4 | F_HOST_ECN),
         ] {
             let f = tx_frame(HDR_F_NEEDS_CSUM, gso, 34, 16);
-            assert_eq!(check_tx_header(&f, F_CSUM | feature), Ok(()), "{gso:#x}");
+            assert_eq!(chk(&f, F_CSUM | feature), Ok(()), "{gso:#x}");
             assert_eq!(
-                check_tx_header(&f, all & !feature),
+                chk(&f, all & !feature),
                 Err(ChainError::BadGso(gso)),
                 "{gso:#x}"
             );
         }
         for gso in [GSO_UDP, GSO_UDP_L4, 2, 6, 0x7f, GSO_ECN, 0xff] {
             assert_eq!(
-                check_tx_header(&tx_frame(HDR_F_NEEDS_CSUM, gso, 34, 16), all),
+                chk(&tx_frame(HDR_F_NEEDS_CSUM, gso, 34, 16), all),
                 Err(ChainError::BadGso(gso)),
                 "{gso:#x}"
             );
         }
-        assert_eq!(
-            check_tx_header(&plain[..20], all),
-            Err(ChainError::TooShort(20))
-        );
+        assert_eq!(chk(&plain[..20], all), Err(ChainError::TooShort(20)));
     }
 
     #[test]
     fn rx_headers_follow_the_features() {
         let mut f = tx_frame(HDR_F_DATA_VALID, 0, 0, 0);
-        assert_eq!(fix_rx_header(&mut f, F_VERSION_1), Ok(()));
+        assert_eq!(fix(&mut f, F_VERSION_1), Ok(()));
         assert_eq!(f[OFF_FLAGS], 0, "DATA_VALID cleared without GUEST_CSUM");
         let mut f = tx_frame(HDR_F_DATA_VALID, 0, 0, 0);
-        assert_eq!(fix_rx_header(&mut f, F_GUEST_CSUM), Ok(()));
+        assert_eq!(fix(&mut f, F_GUEST_CSUM), Ok(()));
         assert_eq!(f[OFF_FLAGS], HDR_F_DATA_VALID);
         let mut f = tx_frame(HDR_F_NEEDS_CSUM, 0, 34, 16);
-        assert_eq!(
-            fix_rx_header(&mut f, F_VERSION_1),
-            Err(ChainError::CsumNotNegotiated)
-        );
+        assert_eq!(fix(&mut f, F_VERSION_1), Err(ChainError::CsumNotNegotiated));
         let mut f = tx_frame(HDR_F_NEEDS_CSUM, GSO_TCPV4, 34, 16);
         assert_eq!(
-            fix_rx_header(&mut f, F_GUEST_CSUM),
+            fix(&mut f, F_GUEST_CSUM),
             Err(ChainError::BadGso(GSO_TCPV4))
         );
-        assert_eq!(fix_rx_header(&mut f, F_GUEST_CSUM | F_GUEST_TSO4), Ok(()));
+        assert_eq!(fix(&mut f, F_GUEST_CSUM | F_GUEST_TSO4), Ok(()));
         let mut f = tx_frame(0, GSO_UDP, 0, 0);
-        assert_eq!(
-            fix_rx_header(&mut f, u64::MAX),
-            Err(ChainError::BadGso(GSO_UDP))
-        );
+        assert_eq!(fix(&mut f, u64::MAX), Err(ChainError::BadGso(GSO_UDP)));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use super::{
     TYPE_NET, VirtioDevice,
 };
 pub use chain::{ChainError, HDR_LEN, MAX_TX_FRAME};
-use chain::{OFF_NUM_BUFFERS, RxBuffer, check_tx_header, fix_rx_header};
+use chain::{OFF_NUM_BUFFERS, RxBuffer, TxFrame, check_tx_header, fix_rx_header};
 pub use tap::{Tap, TapError};
 
 /// Feature bits (virtio 1.2 §5.1.3).
@@ -88,10 +88,25 @@ const RX_FRAME_MAX: usize = MAX_TX_FRAME + 64;
 /// and benchmarks) one end of a datagram socket pair. One read or write is
 /// one frame, virtio-net header first; the descriptor is non-blocking.
 pub trait NetBackend: AsRawFd + Send {
-    /// Reads one frame; `WouldBlock` when there is none.
+    /// Reads one frame; `WouldBlock` when there is none. Returns the
+    /// frame's full length, more than `buf` holds if it was cut short.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame; `WouldBlock` when the backend cannot take it now.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+    /// Writes one frame gathered from `iov`.
+    ///
+    /// # Safety
+    ///
+    /// Every vector must be valid for reads of its length.
+    unsafe fn write_vectored(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = iov.len().min(IOV_MAX) as libc::c_int;
+        // SAFETY: the caller vouches for the vectors.
+        let n = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
     /// Which offloads (`TUN_F_*` bits) the reader accepts in read frames.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
     /// For messages.
@@ -101,8 +116,21 @@ pub trait NetBackend: AsRawFd + Send {
 /// A datagram socket as a backend: frames keep their boundaries, and
 /// nothing needs privileges. Used by tests, fuzzing and benchmarks.
 impl NetBackend for UnixDatagram {
+    /// Like a tap, reports the full length of a datagram cut short.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.recv(buf)
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
@@ -239,10 +267,14 @@ pub struct Net<B: NetBackend = Tap> {
     rx_pending: Option<usize>,
     /// Checked receive chains taken from the queue, not yet used.
     rx_buffers: VecDeque<RxBuffer>,
-    tx_frame: Vec<u8>,
-    /// A transmit chain (head, frame length in `tx_frame`) whose write
-    /// would have blocked.
-    tx_backlog: Option<(u16, usize)>,
+    /// The transmit chain being sent.
+    tx: TxFrame,
+    /// Its head while its write would block.
+    tx_backlog: Option<u16>,
+    /// For frames in too many pieces for one writev.
+    tx_copy: Vec<u8>,
+    /// Scratch I/O vectors (empty between calls).
+    iov: IoVecs,
     /// What the event loop watches the backend for (None: not at all).
     watching: Option<EventSet>,
     /// The backend failed for good (a tap that was deleted).
@@ -265,8 +297,10 @@ impl<B: NetBackend> Net<B> {
             rx_frame: vec![0u8; RX_FRAME_MAX],
             rx_pending: None,
             rx_buffers: VecDeque::new(),
-            tx_frame: vec![0u8; MAX_TX_FRAME],
+            tx: TxFrame::new(),
             tx_backlog: None,
+            tx_copy: vec![0u8; MAX_TX_FRAME],
+            iov: IoVecs(Vec::new()),
             watching: None,
             backend_gone: false,
             stats: NetStats::default(),
@@ -331,34 +365,22 @@ impl<B: NetBackend> Net<B> {
             log::debug!("{}: cannot disable TX notifications: {e}", self.report.name);
         }
         loop {
-            if let Some((head, len)) = self.tx_backlog {
-                let frame = &self.tx_frame[..len];
-                match self.backend.write_frame(frame) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Ok(n) if n == len => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += (len - HDR_LEN) as u64;
-                    }
-                    Ok(n) => {
-                        self.stats.tx_dropped += 1;
-                        self.report.host(format_args!(
-                            "short write to the backend: {n} of {len} bytes"
-                        ));
-                    }
-                    Err(e) => {
-                        self.stats.tx_dropped += 1;
-                        self.report.host(format_args!(
-                            "cannot send a {len}-byte frame: {e} (is the interface up?)"
-                        ));
-                    }
+            if let Some(head) = self.tx_backlog {
+                // `tx` still describes that chain, which the guest does not
+                // have back yet.
+                let result = send(
+                    &mut self.backend,
+                    &self.tx,
+                    &r.mem,
+                    &mut self.iov,
+                    &mut self.tx_copy,
+                );
+                if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    break;
                 }
+                tx_done(&mut self.stats, &mut self.report, result, self.tx.len());
                 self.tx_backlog = None;
-                if let Err(e) = r.tx.add_used(&r.mem, head, 0) {
-                    log::debug!(
-                        "{}: cannot return TX descriptor {head}: {e}",
-                        self.report.name
-                    );
-                }
+                return_chain(&mut r.tx, &r.mem, head, 0, &self.report.name);
                 used = true;
             }
             if budget == 0 {
@@ -393,20 +415,16 @@ impl<B: NetBackend> Net<B> {
                 }
             };
             let head = chain.head_index();
-            let parsed = chain::read_tx_chain(&r.mem, chain, &mut self.tx_frame)
-                .and_then(|len| check_tx_header(&self.tx_frame[..len], r.features).map(|()| len));
+            let parsed = chain::read_tx_chain(&r.mem, chain, &mut self.tx)
+                .and_then(|()| check_tx_header(self.tx.header(), self.tx.len(), r.features));
             match parsed {
-                Ok(len) => self.tx_backlog = Some((head, len)),
+                // Sent at the top of the loop.
+                Ok(()) => self.tx_backlog = Some(head),
                 Err(e) => {
                     self.stats.tx_dropped += 1;
                     self.report
                         .guest(format_args!("TX chain {head} dropped: {e}"));
-                    if let Err(e) = r.tx.add_used(&r.mem, head, 0) {
-                        log::debug!(
-                            "{}: cannot return TX descriptor {head}: {e}",
-                            self.report.name
-                        );
-                    }
+                    return_chain(&mut r.tx, &r.mem, head, 0, &self.report.name);
                     used = true;
                 }
             }
@@ -497,19 +515,20 @@ impl<B: NetBackend> Net<B> {
                         self.wait_for_rx_buffers();
                         break;
                     }
-                    let len = match self.backend.read_frame(&mut self.rx_frame) {
-                        Ok(len) => len,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            self.report
-                                .host(format_args!("cannot read from the backend: {e}"));
-                            self.backend_gone = true;
-                            break;
-                        }
+                    let result = self.backend.read_frame(&mut self.rx_frame);
+                    let Some(len) = self.received(result) else {
+                        break;
                     };
-                    let frame = &mut self.rx_frame[..len];
-                    if let Err(e) = fix_rx_header(frame, features) {
+                    if len > self.rx_frame.len() {
+                        self.stats.rx_dropped += 1;
+                        log::debug!("{}: {len}-byte frame cut short, dropped", self.report.name);
+                        continue;
+                    }
+                    let header: &mut [u8; HDR_LEN] = match self.rx_frame.first_chunk_mut() {
+                        Some(h) => h,
+                        None => continue,
+                    };
+                    if let Err(e) = fix_rx_header(header, len, features) {
                         self.stats.rx_dropped += 1;
                         log::debug!("{}: received frame dropped: {e}", self.report.name);
                         continue;
@@ -535,6 +554,22 @@ impl<B: NetBackend> Net<B> {
         }
         if used && let Some(r) = self.running.as_mut() {
             signal(&mut r.rx, &r.mem, &r.interrupt);
+        }
+    }
+
+    /// What a read from the backend gave: the frame's length, or None
+    /// when there is nothing (more) to read now.
+    fn received(&mut self, result: io::Result<usize>) -> Option<usize> {
+        match result {
+            Ok(len) => Some(len),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) => {
+                self.report
+                    .host(format_args!("cannot read from the backend: {e}"));
+                self.backend_gone = true;
+                None
+            }
         }
     }
 
@@ -625,6 +660,30 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
+    /// Handles a notification of queue `queue` (its event fd fired).
+    /// Notifications before DRIVER_OK find nothing running and are dropped.
+    pub fn notified(&mut self, queue: usize) {
+        match queue {
+            RX_QUEUE => {
+                let _ = self.queue_events[RX_QUEUE].read();
+                if let Some(r) = self.running.as_mut() {
+                    // New buffers: read the backend again, and hear from the
+                    // driver only when we run out (see wait_for_rx_buffers).
+                    r.rx_waiting = false;
+                    if let Err(e) = r.rx.disable_notification(&r.mem) {
+                        log::debug!("{}: cannot disable RX notifications: {e}", self.report.name);
+                    }
+                }
+                self.process_rx();
+            }
+            TX_QUEUE => {
+                let _ = self.queue_events[TX_QUEUE].read();
+                self.process_tx();
+            }
+            _ => {}
+        }
+    }
+
     /// Brings what the event loop watches in line with what the device needs.
     fn update_watch(&mut self, ops: &mut EventOps) {
         let Some(current) = self.watching else {
@@ -641,6 +700,72 @@ impl<B: NetBackend> Net<B> {
 
     fn backend_fd(&self) -> RawFd {
         self.backend.as_raw_fd()
+    }
+}
+
+/// Scratch I/O vectors for sending. They hold raw pointers into guest
+/// memory only during one call that also borrows that memory, and are
+/// cleared after.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the vectors are empty whenever the device changes threads (they
+// are filled and cleared within one call), so no pointer crosses threads.
+unsafe impl Send for IoVecs {}
+
+/// Most I/O vectors one readv/writev takes (UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Writes a checked transmit frame to the backend, straight from guest
+/// memory; frames in more pieces than one writev takes go through `copy`.
+fn send<B: NetBackend>(
+    backend: &mut B,
+    frame: &TxFrame,
+    mem: &GuestMemory,
+    iov: &mut IoVecs,
+    copy: &mut [u8],
+) -> io::Result<usize> {
+    iov.0.clear();
+    let result = match frame.iovecs(mem, &mut iov.0) {
+        Ok(()) if iov.0.len() <= IOV_MAX => {
+            // SAFETY: the vectors point into `frame` and `mem`, checked
+            // guest memory, both borrowed for the duration of the call.
+            unsafe { backend.write_vectored(&iov.0) }
+        }
+        _ => match frame.copy_to(mem, copy) {
+            Ok(n) => backend.write_frame(&copy[..n]),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        },
+    };
+    iov.0.clear();
+    result
+}
+
+/// Counts the outcome of sending a `len`-byte frame.
+fn tx_done(stats: &mut NetStats, report: &mut Reporter, result: io::Result<usize>, len: usize) {
+    match result {
+        Ok(n) if n == len => {
+            stats.tx_frames += 1;
+            stats.tx_bytes += (len - HDR_LEN) as u64;
+        }
+        Ok(n) => {
+            stats.tx_dropped += 1;
+            report.host(format_args!(
+                "short write to the backend: {n} of {len} bytes"
+            ));
+        }
+        Err(e) => {
+            stats.tx_dropped += 1;
+            report.host(format_args!(
+                "cannot send a {len}-byte frame: {e} (is the interface up?)"
+            ));
+        }
+    }
+}
+
+/// Puts a chain in the used ring.
+fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, name: &str) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        log::debug!("{name}: cannot return descriptor {head}: {e}");
     }
 }
 
@@ -764,29 +889,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 self.process_rx();
             }
         } else {
-            // Notifications before DRIVER_OK find nothing running and are dropped.
-            match events.data() {
-                0 => {
-                    let _ = self.queue_events[RX_QUEUE].read();
-                    if let Some(r) = self.running.as_mut() {
-                        // New buffers: read the backend again, and hear
-                        // from the driver only when we run out (below).
-                        r.rx_waiting = false;
-                        if let Err(e) = r.rx.disable_notification(&r.mem) {
-                            log::debug!(
-                                "{}: cannot disable RX notifications: {e}",
-                                self.report.name
-                            );
-                        }
-                    }
-                    self.process_rx();
-                }
-                1 => {
-                    let _ = self.queue_events[TX_QUEUE].read();
-                    self.process_tx();
-                }
-                _ => {}
-            }
+            self.notified(events.data() as usize);
         }
         self.update_watch(ops);
     }

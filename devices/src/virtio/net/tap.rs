@@ -235,8 +235,14 @@ mod tests {
             t.set_offload(flags).unwrap();
         }
         drop(t);
-        // Not persistent: it went away with its only descriptor.
-        assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+        // Not persistent: it goes away with its descriptor (a moment later
+        // if a child another test forks holds a copy until its exec).
+        let path = format!("/sys/class/net/{name}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::path::Path::new(&path).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!std::path::Path::new(&path).exists());
         let e = Tap::open("lo").unwrap_err();
         assert!(matches!(e, TapError::NotTap { .. }), "{e}");
     }
