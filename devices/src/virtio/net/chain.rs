@@ -316,7 +316,9 @@ pub fn fix_rx_header(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxBuffer {
     pub head: u16,
-    segments: Vec<(GuestAddress, u32)>,
+    /// The first segment inline (most chains have one), the rest after.
+    first: (GuestAddress, u32),
+    more: Vec<(GuestAddress, u32)>,
     capacity: u32,
 }
 
@@ -329,7 +331,7 @@ impl RxBuffer {
     /// Writes the start of `data` (as much as fits); returns the bytes written.
     pub fn write(&self, mem: &GuestMemory, data: &[u8]) -> Result<u32, ChainError> {
         let mut done = 0usize;
-        for &(addr, len) in &self.segments {
+        for &(addr, len) in std::iter::once(&self.first).chain(&self.more) {
             if done == data.len() {
                 break;
             }
@@ -350,7 +352,8 @@ pub fn parse_rx_chain(
     chain: DescriptorChain<&GuestMemory>,
 ) -> Result<RxBuffer, ChainError> {
     let head = chain.head_index();
-    let mut segments = Vec::new();
+    let mut first = None;
+    let mut rest = Vec::new();
     let mut capacity = 0u32;
     let mut seen = false;
     let mut more = false;
@@ -368,7 +371,10 @@ pub fn parse_rx_chain(
         // The iterator ends chains whose total overflows a u32.
         capacity = capacity.saturating_add(desc.len());
         if desc.len() > 0 {
-            segments.push((desc.addr(), desc.len()));
+            match first {
+                None => first = Some((desc.addr(), desc.len())),
+                Some(_) => rest.push((desc.addr(), desc.len())),
+            }
         }
         more = desc.has_next();
     }
@@ -383,7 +389,8 @@ pub fn parse_rx_chain(
     }
     Ok(RxBuffer {
         head,
-        segments,
+        first: first.unwrap_or((GuestAddress(0), 0)),
+        more: rest,
         capacity,
     })
 }
