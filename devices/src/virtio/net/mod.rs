@@ -80,12 +80,12 @@ pub const BUDGET: usize = 64;
 /// The receive buffer: the longest frame a tap hands over (a 64 KiB
 /// segmentation-offload packet with Ethernet header and VLAN tag) with its
 /// header, and some room.
+const RX_FRAME_MAX: usize = MAX_TX_FRAME + 64;
 /// Event data of the backend fd (the queues use their index).
 const BACKEND_DATA: u32 = 2;
-const RX_FRAME_MAX: usize = MAX_TX_FRAME + 64;
 
-/// Where frames go to and come from: a TAP device, or (in tests, fuzzing
-/// and benchmarks) one end of a datagram socket pair. One read or write is
+/// Where frames go to and come from: a TAP device, or (in tests and
+/// fuzzing) one end of a datagram socket pair. One read or write is
 /// one frame, virtio-net header first; the descriptor is non-blocking.
 pub trait NetBackend: AsRawFd + Send {
     /// Reads one frame; `WouldBlock` when there is none. Returns the
@@ -114,7 +114,7 @@ pub trait NetBackend: AsRawFd + Send {
 }
 
 /// A datagram socket as a backend: frames keep their boundaries, and
-/// nothing needs privileges. Used by tests, fuzzing and benchmarks.
+/// nothing needs privileges. Used by tests and fuzzing.
 impl NetBackend for UnixDatagram {
     /// Like a tap, reports the full length of a datagram cut short.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
