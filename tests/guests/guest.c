@@ -467,6 +467,7 @@ void guest_main(u64 boot_info, u64 kind)
 			case VIRTIO_ID_RNG: virtio_test_rng(&devs[i]); break;
 			case VIRTIO_ID_VSOCK: virtio_test_vsock(&devs[i]); break;
 			case VIRTIO_ID_BLOCK: virtio_test_block(&devs[i]); break;
+			case VIRTIO_ID_NET: virtio_test_net(&devs[i]); break;
 			default: say("VIRTIO untested id=%x\n", (u64)devs[i].id); break;
 			}
 		}

@@ -115,5 +115,6 @@ void virtio_test_vsock(struct vdev *d);
 void virtio_test_block(struct vdev *d);
 /* test=blkflush: write, flush, report the acknowledgement, hang. */
 void virtio_blkflush(struct vdev *d) __attribute__((noreturn));
+void virtio_test_net(struct vdev *d);
 
 #endif

@@ -17,7 +17,7 @@ use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
 use devices::virtio::block::{Block, disk::DiskImage};
 use devices::virtio::vsock::{Vsock, VsockError};
-use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, rng::Rng};
+use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, net, rng::Rng};
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::IoEventAddress;
@@ -77,14 +77,14 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create the event loop: {0}")]
     EventLoop(String),
-    #[error("{0} is not supported by this build of ligera yet")]
-    Unsupported(&'static str),
     #[error("too many virtio devices: ligera has interrupt lines for {0}")]
     TooManyDevices(u32),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error("--disk: {0}")]
     Disk(#[from] devices::virtio::block::DiskError),
+    #[error("--net: {0}")]
+    Tap(#[from] net::TapError),
 }
 
 type Result<T> = std::result::Result<T, BuildError>;
@@ -301,14 +301,14 @@ fn create_devices(
         let block = Block::new(image, disk.id.as_deref()).map_err(BuildError::EventFd)?;
         slots.add("virtio-blk", block)?;
     }
+    for nic in &config.nets {
+        let mac = nic.mac.unwrap_or_else(net::random_mac);
+        let device = net::Net::new(net::Tap::open(&nic.tap)?, mac).map_err(BuildError::EventFd)?;
+        log::info!("virtio-net: tap {}, MAC {}", nic.tap, net::format_mac(&mac));
+        slots.add(&format!("virtio-net({})", nic.tap), device)?;
+    }
     if let Some(v) = &config.vsock {
         slots.add("virtio-vsock", Vsock::new(v.cid, &v.socket)?)?;
-    }
-    // Parsed, but their devices are not built yet: refuse rather than ignore.
-    for (flag, given) in [("--net", !config.nets.is_empty())] {
-        if given {
-            return Err(BuildError::Unsupported(flag));
-        }
     }
 
     let mut pio = Bus::new();
