@@ -132,9 +132,12 @@ impl VirtioDevice for Rng {
             queue,
             interrupt: a.interrupt,
         });
-        // Buffers the driver queued before DRIVER_OK (and whose notification
-        // we ignored) are served now.
-        self.process();
+        // Buffers the driver queued before DRIVER_OK (whose notification we
+        // ignored) are served by the event loop, not on the vCPU thread
+        // activating us.
+        if let Err(e) = self.queue_events[0].write(1) {
+            log::warn!("virtio-rng: cannot kick the queue: {e}");
+        }
         Ok(())
     }
 
@@ -180,6 +183,13 @@ mod tests {
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
         })
         .unwrap();
+        // What the event loop does when the kick arrives.
+        assert_eq!(
+            rng.queue_events[0].read().unwrap(),
+            1,
+            "activation kicks the queue"
+        );
+        rng.process();
         irq
     }
 

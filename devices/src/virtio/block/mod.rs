@@ -465,8 +465,11 @@ impl VirtioDevice for Block {
             limits,
             flush: a.features & bit(VIRTIO_BLK_F_FLUSH) != 0,
         });
-        // Requests queued before DRIVER_OK (whose notification was dropped).
-        self.process_queue();
+        // Requests queued before DRIVER_OK (whose notification was dropped)
+        // are served by the event loop, not on the vCPU thread activating us.
+        if let Err(e) = self.queue_events[0].write(1) {
+            log::warn!("virtio-blk: cannot kick the queue: {e}");
+        }
         Ok(())
     }
 

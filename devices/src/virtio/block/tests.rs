@@ -89,6 +89,9 @@ impl Harness {
                 interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             })
             .unwrap();
+        // Activation kicks the queue so the event loop serves anything queued
+        // before DRIVER_OK; the queue is empty here.
+        assert_eq!(block.queue_events[0].read().unwrap(), 1);
         Harness {
             mem,
             block,
