@@ -7,57 +7,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use common::linux::{BOOT_TIMEOUT, CMDLINE, MARKER, initramfs, kernel, one_at_a_time};
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Outcome, spawn};
 
-/// Fast-boot options for the resources/ kernel (see resources/guest-kernel/README.md).
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
-     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet";
-const MARKER: &str = "LIGERA-INIT-OK";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// One Linux guest at a time: two boots on two cores would only slow both.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn resources_output(script: &str, args: &[&str]) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resources")
-        .join(script);
-    let out = Command::new(&path)
-        .args(args)
-        .arg("--print-path")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
-    assert!(out.status.success(), "{} {args:?} failed", path.display());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn kernel(name: &str) -> PathBuf {
-    let dir = std::env::var_os("LIGERA_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| resources_output("build-guest-kernel.sh", &[]));
-    dir.join(name)
-}
-
-fn initramfs(variant: &[&str]) -> PathBuf {
-    match (variant, std::env::var_os("LIGERA_INITRD")) {
-        ([], Some(path)) => PathBuf::from(path),
-        _ => resources_output("build-initramfs.sh", variant),
-    }
-}
-
 /// Boots `kernel` with `initrd`, feeding `input` to the console once the
 /// init marker shows; returns the outcome and the time to the marker.
 fn boot(kernel: &Path, initrd: &Path, extra: &[&str], input: Option<&str>) -> (Outcome, Duration) {
-    let _one_at_a_time = serial();
+    let _one_at_a_time = one_at_a_time();
     let mut args = vec![
         "run",
         "--kernel",

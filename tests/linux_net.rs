@@ -12,44 +12,20 @@
 
 mod common;
 
+use common::linux::{BOOT_TIMEOUT, CMDLINE};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Fast-boot options for the resources/ kernel, as in tests/linux.rs.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
-     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const HOST_IP: &str = "10.0.2.1";
 const GUEST_IP: &str = "10.0.2.15";
 const GUEST_MAC: &str = "02:4c:47:52:41:0f";
 const ECHO_PORT: u16 = 5000;
 const ECHO_BYTES: usize = 256 * 1024;
-
-fn resources_output(script: &str, args: &[&str]) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resources")
-        .join(script);
-    let out = Command::new(&path)
-        .args(args)
-        .arg("--print-path")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
-    assert!(out.status.success(), "{} {args:?} failed", path.display());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn kernel() -> PathBuf {
-    std::env::var_os("LIGERA_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| resources_output("build-guest-kernel.sh", &[]))
-        .join("vmlinux")
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -167,7 +143,7 @@ fn linux_guest_on_a_tap_pings_and_echoes_tcp() {
         panic!("this test creates a network namespace and a tap: run it as root (CI does)");
     }
     let ns = Namespace::new();
-    let initrd = resources_output("build-initramfs.sh", &["--busybox"]);
+    let initrd = common::linux::busybox_initramfs();
     let guest_cmd = format!(
         "echo FEATURES=$(cat /sys/class/net/eth0/device/features); \
          ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 && \
@@ -178,7 +154,7 @@ fn linux_guest_on_a_tap_pings_and_echoes_tcp() {
     let net = format!("tap={},mac={GUEST_MAC}", ns.tap);
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.name, common::LIGERA, "run", "--kernel"])
-        .arg(kernel())
+        .arg(common::linux::kernel("vmlinux"))
         .arg("--initrd")
         .arg(&initrd)
         .args(["--memory", "128M", "--net", &net, "--cmdline", &cmdline])

@@ -7,51 +7,14 @@
 
 mod common;
 
+use common::linux::{BOOT_TIMEOUT, CMDLINE, MARKER, busybox_initramfs, one_at_a_time};
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{Outcome, spawn};
-
-/// Fast-boot options for the resources/ kernel (see resources/guest-kernel/README.md).
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
-     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet";
-const MARKER: &str = "LIGERA-INIT-OK";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// One Linux guest at a time: two boots on two cores would only slow both.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn resources_output(script: &str, args: &[&str]) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resources")
-        .join(script);
-    let out = Command::new(&path)
-        .args(args)
-        .arg("--print-path")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
-    assert!(out.status.success(), "{} {args:?} failed", path.display());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn kernel() -> PathBuf {
-    let dir = std::env::var_os("LIGERA_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| resources_output("build-guest-kernel.sh", &[]));
-    dir.join("vmlinux")
-}
-
-fn busybox_initramfs() -> PathBuf {
-    resources_output("build-initramfs.sh", &["--busybox"])
-}
 
 fn socket_path(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -64,8 +27,8 @@ fn socket_path(name: &str) -> PathBuf {
 /// Boots Linux with a vsock device at `socket` running `cmd` in the guest;
 /// `host` plays the host side once the init marker shows.
 fn boot_with_vsock(socket: &Path, cmd: &str, host: impl FnOnce()) -> Outcome {
-    let _one_at_a_time = serial();
-    let kernel = kernel();
+    let _one_at_a_time = one_at_a_time();
+    let kernel = common::linux::kernel("vmlinux");
     let initrd = busybox_initramfs();
     let cmdline = format!("{CMDLINE} ligera.cmd=\"{cmd}\"");
     let vsock = format!("cid=3,socket={}", socket.display());

@@ -3,6 +3,8 @@
 //! guest's report.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
