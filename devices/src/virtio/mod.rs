@@ -105,6 +105,16 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
 }
 
+impl Activation {
+    /// Takes the queues as exactly the `N` the device declared.
+    pub fn take_queues<const N: usize>(&mut self) -> Result<[Queue; N], ActivateError> {
+        let got = self.queues.len();
+        std::mem::take(&mut self.queues)
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID.

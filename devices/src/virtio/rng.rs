@@ -119,14 +119,8 @@ impl VirtioDevice for Rng {
         &self.queue_events
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let queue = a
-            .queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let [queue] = a.take_queues()?;
         self.running = Some(Running {
             mem: a.mem,
             queue,

@@ -444,14 +444,8 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let queue = a
-            .queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let [queue] = a.take_queues()?;
         let limits = Limits {
             sectors: self.disk.sectors(),
             readonly: self.disk.readonly(),

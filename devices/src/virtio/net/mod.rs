@@ -802,12 +802,8 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     // Writes to the configuration space are ignored (the default): with
     // VERSION_1 the MAC address is read-only.
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let mut queues = a.queues.into_iter();
-        let (Some(rx), Some(tx), None) = (queues.next(), queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let [rx, tx] = a.take_queues()?;
         let offload = tap_offload_flags(a.features);
         self.backend.set_offload(offload).map_err(|e| {
             ActivateError::Other(format!(

@@ -410,16 +410,11 @@ impl VirtioDevice for Vsock {
         ));
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if a.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: a.queues.len(),
-            });
-        }
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let queues: [Queue; 3] = a.take_queues()?;
         self.running = Some(Running {
             mem: a.mem,
-            queues: a.queues,
+            queues: queues.into(),
             interrupt: a.interrupt,
         });
         // Packets the driver queued before DRIVER_OK are served on the event loop.
