@@ -16,7 +16,7 @@ Examples:
   ligera run --kernel bzImage --cpus 2 --memory 512M --cmdline \"console=ttyS0 reboot=k panic=1\"
   ligera run --kernel vmlinux --serial file=console.log
   ligera run --kernel vmlinux --disk path=rootfs.ext4 --cmdline \"console=ttyS0 reboot=k root=/dev/vda\"
-  ligera run --kernel vmlinux --initrd initramfs.cpio --disk path=data.img,readonly=on,id=data \
+  ligera run --kernel vmlinux --initrd initramfs.cpio --disk path=data.img,readonly=on,id=data \\
       --net tap=tap0,mac=02:00:00:00:00:01 --vsock cid=3,socket=/tmp/vm.sock --rng
 
 Exit status:
