@@ -256,18 +256,26 @@ pub fn check_tx_header(
             });
         }
     }
-    let gso = frame[OFF_GSO_TYPE];
-    let needed = match gso & !GSO_ECN {
+    check_gso(
+        frame[OFF_GSO_TYPE],
+        features,
+        [F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN],
+    )
+}
+
+/// Checks a header's segmentation-offload type against the agreed
+/// `features`, given the (TSO4, TSO6, ECN) feature bits of the direction the
+/// frame travels.
+fn check_gso(gso: u8, features: u64, [tso4, tso6, ecn]: [u64; 3]) -> Result<(), ChainError> {
+    let mut needed = match gso & !GSO_ECN {
         GSO_NONE if gso == GSO_NONE => 0,
-        GSO_TCPV4 => F_HOST_TSO4,
-        GSO_TCPV6 => F_HOST_TSO6,
+        GSO_TCPV4 => tso4,
+        GSO_TCPV6 => tso6,
         _ => return Err(ChainError::BadGso(gso)),
     };
-    let needed = if gso & GSO_ECN != 0 {
-        needed | F_HOST_ECN
-    } else {
-        needed
-    };
+    if gso & GSO_ECN != 0 {
+        needed |= ecn;
+    }
     if features & needed != needed {
         return Err(ChainError::BadGso(gso));
     }
@@ -294,22 +302,11 @@ pub fn fix_rx_header(
         }
         frame[OFF_FLAGS] = 0;
     }
-    let gso = frame[OFF_GSO_TYPE];
-    let needed = match gso & !GSO_ECN {
-        GSO_NONE if gso == GSO_NONE => 0,
-        GSO_TCPV4 => F_GUEST_TSO4,
-        GSO_TCPV6 => F_GUEST_TSO6,
-        _ => return Err(ChainError::BadGso(gso)),
-    };
-    let needed = if gso & GSO_ECN != 0 {
-        needed | F_GUEST_ECN
-    } else {
-        needed
-    };
-    if features & needed != needed {
-        return Err(ChainError::BadGso(gso));
-    }
-    Ok(())
+    check_gso(
+        frame[OFF_GSO_TYPE],
+        features,
+        [F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN],
+    )
 }
 
 /// A checked receive chain: where a frame may be written.
