@@ -122,3 +122,53 @@ fn kernel_panic_is_reported() {
     assert_eq!(out.status, 3, "{out}");
     assert!(out.stderr.contains("panicked"), "{out}");
 }
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn init_arguments_keep_ligeras_kernel_parameters_apart() {
+    // ligera adds virtio_mmio.device= for the disk and the vsock device; with
+    // init arguments on the line they must still land before the `--`, or
+    // Linux never probes the devices and hands their parameters to init.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("linux-init-args-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let vsock = format!("cid=3,socket={}", dir.join("v.sock").display());
+    let cmdline = format!(
+        "{CMDLINE} ligera.cmd=\"cat /sys/bus/virtio/devices/*/device; cat /sys/block/vda/size\" \
+         -- first \"second  arg\" third"
+    );
+    let (out, _) = boot(
+        &kernel("vmlinux"),
+        &initramfs(&["--busybox"]),
+        &[
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--vsock",
+            &vsock,
+        ],
+        None,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status, 0, "{out}");
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect();
+    let args: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("LIGERA-INIT-ARG="))
+        .collect();
+    assert_eq!(args, ["[first]", "[second  arg]", "[third]"], "{out}");
+    // Both devices probed: virtio-blk (ID 2) with its 2048 sectors, virtio-vsock (ID 19).
+    assert!(
+        lines.contains(&"0x0002") && lines.contains(&"0x0013"),
+        "{out}"
+    );
+    assert!(lines.contains(&"2048"), "{out}");
+    assert!(out.stdout.contains("LIGERA-CMD-EXIT=0"), "{out}");
+}

@@ -252,6 +252,35 @@ fn unusable_images_are_clear_errors() {
 }
 
 #[test]
+fn the_same_image_twice_is_named_as_such() {
+    let g = guests();
+    let img = random_file("twice.img", 1 << 20, 23);
+    let link = img.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    for second in [&img, &link] {
+        let out = run_guest(
+            &g.elf64,
+            &[
+                "--memory",
+                "32M",
+                "--disk",
+                &disk_arg(&img, ",readonly=on"),
+                "--disk",
+                &disk_arg(second, ""),
+            ],
+        );
+        assert_eq!(out.status, 1, "{out}");
+        let err = out.stderr.trim();
+        assert_eq!(err.lines().count(), 1, "{out}");
+        assert!(err.contains("given twice"), "{out}");
+        assert!(!err.contains("in use"), "{out}");
+        assert!(err.contains(second.to_str().unwrap()), "{out}");
+    }
+    let _ = std::fs::remove_file(&link);
+}
+
+#[test]
 fn flushed_data_survives_sigkill() {
     let g = guests();
     let img = random_file("flush.img", 1 << 20, 31);

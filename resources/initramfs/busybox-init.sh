@@ -17,6 +17,11 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 
 echo LIGERA-INIT-OK
+# init's own arguments (what followed `--` on the kernel command line), one
+# a line, so tests can check that each arrives intact and in order
+for arg in "$@"; do
+	echo "LIGERA-INIT-ARG=[$arg]"
+done
 
 cmd=$(sed -n -e 's/.*ligera\.cmd="\([^"]*\)".*/\1/p' -e t \
              -e 's/.*ligera\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)

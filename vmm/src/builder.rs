@@ -22,7 +22,8 @@ use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{PvHypercalls, SerialConfig, VmConfig, format_size};
@@ -62,6 +63,8 @@ pub enum BuildError {
     GuestMemory { size: u64, reason: String },
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    #[error("--cmdline: {0}")]
+    Cmdline(String),
     #[error("cannot write boot data: {0}")]
     Boot(arch::Error),
     #[error("cannot open the serial output file {path}: {source}")]
@@ -81,6 +84,15 @@ pub enum BuildError {
     TooManyDevices(u32),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(
+        "--disk: {} is given twice (also as {}): each image can back one disk",
+        path.display(),
+        first.display()
+    )]
+    DiskGivenTwice {
+        path: std::path::PathBuf,
+        first: std::path::PathBuf,
+    },
     #[error("--disk: {0}")]
     Disk(#[from] devices::virtio::block::DiskError),
     #[error("--net: {0}")]
@@ -124,7 +136,31 @@ fn check_config(config: &VmConfig) -> Result<GuestLayout> {
             host,
         });
     }
+    check_disks_distinct(config)?;
     Ok(layout)
+}
+
+/// The same image given twice would fail on its own lock with a message
+/// about another VM; say what really happened. Files are compared by device
+/// and inode, so a symlink or another path to the same image counts too.
+fn check_disks_distinct(config: &VmConfig) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: Vec<((u64, u64), &std::path::Path)> = Vec::new();
+    for disk in &config.disks {
+        // A path that cannot be read is reported when it is opened.
+        let Ok(meta) = std::fs::metadata(&disk.path) else {
+            continue;
+        };
+        let key = (meta.dev(), meta.ino());
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(BuildError::DiskGivenTwice {
+                path: disk.path.clone(),
+                first: first.to_path_buf(),
+            });
+        }
+        seen.push((key, &disk.path));
+    }
+    Ok(())
 }
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm> {
@@ -170,7 +206,7 @@ fn load_guest(
     config: &VmConfig,
     mem: &arch::GuestMemoryMmap,
     layout: &GuestLayout,
-    device_cmdline: &[String],
+    device_cmdline: &[(u64, u32)],
 ) -> Result<BootState> {
     let kernel = loader::load_kernel(mem, layout, &config.kernel)?;
     log::info!(
@@ -184,7 +220,7 @@ fn load_guest(
         Some(path) => Some(loader::load_initrd(mem, layout, path, &kernel)?),
         None => None,
     };
-    let cmdline = kernel_cmdline(config, device_cmdline);
+    let cmdline = kernel_cmdline(config, device_cmdline)?;
     let cmdline_max = kernel
         .setup_header
         .map_or(CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize + 1);
@@ -215,8 +251,9 @@ struct Devices {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     console: Option<Console>,
-    /// What the kernel must be told about the devices (virtio-mmio windows).
-    cmdline: Vec<String>,
+    /// What the kernel must be told about the devices: each virtio-mmio
+    /// window's base address and interrupt line.
+    cmdline: Vec<(u64, u32)>,
 }
 
 /// Places virtio devices: each gets a 4 KiB MMIO window from
@@ -227,7 +264,7 @@ struct VirtioSlots<'a> {
     mem: &'a arch::GuestMemoryMmap,
     mmio: &'a mut Bus,
     events: &'a mut EventLoop,
-    cmdline: &'a mut Vec<String>,
+    cmdline: &'a mut Vec<(u64, u32)>,
     next: u32,
 }
 
@@ -268,8 +305,7 @@ impl VirtioSlots<'_> {
             virtio::mmio::WINDOW_SIZE,
         )?;
         self.events.add_subscriber(device);
-        self.cmdline
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.cmdline.push((base, gsi));
         log::debug!("{name}: virtio-mmio at {base:#x}, GSI {gsi}");
         Ok(())
     }
@@ -402,24 +438,38 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// The command line the guest gets: the configured one, plus the workarounds
-/// for an emulating nested host when running on one.
-fn kernel_cmdline(config: &VmConfig, device_cmdline: &[String]) -> String {
-    let mut cmdline = config.cmdline.trim().to_string();
-    for part in device_cmdline {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(part);
+/// The command line the guest gets: the configured one with ligera's own
+/// kernel parameters (the virtio-mmio windows, and the workarounds for an
+/// emulating nested host when running on one) added to the kernel's part.
+/// Whatever follows the first ` -- ` outside double quotes is init's
+/// arguments: it stays last, unchanged and in order, as Linux hands
+/// everything after `--` to init instead of parsing it.
+fn kernel_cmdline(config: &VmConfig, virtio_mmio: &[(u64, u32)]) -> Result<String> {
+    let bad = |e: linux_loader::cmdline::Error| BuildError::Cmdline(e.to_string());
+    // Spaces around the text make a leading `-- ` or trailing ` --` count as
+    // the separator too. The length limit is checked when the line is
+    // written, against what the kernel accepts.
+    let padded = format!(" {} ", config.cmdline);
+    let mut cmdline = Cmdline::try_from(&padded, usize::MAX).map_err(bad)?;
+    for &(base, gsi) in virtio_mmio {
+        cmdline
+            .add_virtio_mmio_device(virtio::mmio::WINDOW_SIZE, GuestAddress(base), gsi, None)
+            .map_err(bad)?;
     }
     if config.host_quirks && host::is_emulating_nested_host() {
         log::info!("nested kvm_pvm host: adding guest workarounds to the command line");
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(host::EMULATING_HOST_CMDLINE);
+        cmdline
+            .insert_str(host::EMULATING_HOST_CMDLINE)
+            .map_err(bad)?;
     }
-    cmdline
+    let text = cmdline.as_cstring().map_err(|e| match e {
+        linux_loader::cmdline::Error::NoBootArgsInserted => BuildError::Cmdline(
+            "it has init arguments (after --) but no kernel parameters before them".into(),
+        ),
+        e => bad(e),
+    })?;
+    text.into_string()
+        .map_err(|_| BuildError::Cmdline("it is not valid UTF-8".into()))
 }
 
 /// Maps guest RAM, lazily: pages cost host memory only once touched.
@@ -460,4 +510,64 @@ fn register_guest_memory(
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline_for(text: &str, devices: &[(u64, u32)]) -> Result<String> {
+        let config = VmConfig {
+            cmdline: text.into(),
+            host_quirks: false,
+            ..VmConfig::new("k".into())
+        };
+        kernel_cmdline(&config, devices)
+    }
+
+    const DEV: &str = "virtio_mmio.device=4K@0xd0000000:5";
+
+    #[test]
+    fn device_parameters_go_before_init_arguments() {
+        let devices = [(0xd000_0000, 5)];
+        assert_eq!(
+            cmdline_for("console=ttyS0", &devices).unwrap(),
+            format!("console=ttyS0 {DEV}")
+        );
+        assert_eq!(
+            cmdline_for(
+                r#"root=/dev/vda init=/bin/sh -- -c "echo hi;  reboot -f" x"#,
+                &devices
+            )
+            .unwrap(),
+            format!(r#"root=/dev/vda init=/bin/sh {DEV} -- -c "echo hi;  reboot -f" x"#)
+        );
+        // Only the first separator splits; a later one is init's.
+        assert_eq!(
+            cmdline_for("a -- b -- c", &devices).unwrap(),
+            format!("a {DEV} -- b -- c")
+        );
+        // A `--` inside double quotes is a value, not the separator.
+        assert_eq!(
+            cmdline_for(r#"x="a -- b" y"#, &devices).unwrap(),
+            format!(r#"x="a -- b" y {DEV}"#)
+        );
+        // A leading separator: everything is init's.
+        assert_eq!(
+            cmdline_for("-- a b", &devices).unwrap(),
+            format!("{DEV} -- a b")
+        );
+        assert_eq!(cmdline_for("", &devices).unwrap(), DEV);
+        assert_eq!(cmdline_for("", &[]).unwrap(), "");
+    }
+
+    #[test]
+    fn bad_command_lines_are_errors() {
+        assert!(
+            cmdline_for("-- a", &[])
+                .unwrap_err()
+                .to_string()
+                .contains("no kernel parameters")
+        );
+    }
 }
