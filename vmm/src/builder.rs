@@ -1,41 +1,29 @@
 //! The one place where a VM is assembled from a [`VmConfig`]: KVM, guest
 //! memory, kernel and initrd, boot structures, devices and vCPUs.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arch::GuestLayout;
 use arch::bootinfo::{write_cmdline, write_pvh_start_info, write_zero_page, zero_page};
 use arch::cpuid::CpuidConfig;
 use arch::gdt::write_gdt;
-use arch::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
+use arch::layout::CMDLINE_MAX_SIZE;
 use arch::mptable::{MAX_VCPUS, write_mptable};
 use arch::paging::write_identity_page_tables;
-use devices::Bus;
-use devices::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
-use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
-use devices::virtio::block::{Block, disk::DiskImage};
-use devices::virtio::vsock::{Vsock, VsockError};
-use devices::virtio::{self, Interrupt, VirtioDevice, mmio::MmioTransport, net, rng::Rng};
-use event_manager::{MutEventSubscriber, SubscriberOps};
+use devices::virtio::vsock::VsockError;
+use devices::virtio::{self, net};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{PvHypercalls, SerialConfig, VmConfig, format_size};
+use crate::config::{PvHypercalls, VmConfig, format_size};
+use crate::device_manager::DeviceManager;
 use crate::exit::ExitState;
 use crate::host;
 use crate::loader::{self, KernelFormat, LoaderError};
 use crate::vcpu::{BootState, Vcpu, VcpuError};
-use crate::vm::{Console, EventLoop, Vm};
-
-/// Interrupt lines for virtio devices: IOAPIC pins 5 to 23 (4 is COM1).
-const VIRTIO_FIRST_GSI: u32 = 5;
-const VIRTIO_LAST_GSI: u32 = 23;
+use crate::vm::{EventLoop, Vm, VmParts};
 
 /// Where KVM keeps the real-mode TSS it needs on Intel (three pages, in the MMIO hole).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -101,7 +89,7 @@ pub enum BuildError {
 
 type Result<T> = std::result::Result<T, BuildError>;
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::Kvm { what, source }
 }
 
@@ -112,11 +100,20 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     let (vm, mem) = create_vm(&kvm, &layout)?;
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
-    let devices = create_devices(config, &vm, &mem, &exit, &mut events)?;
-    let boot = load_guest(config, &mem, &layout, &devices.cmdline)?;
+    let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;
+    let boot = load_guest(config, &mem, &layout, &devices.virtio_mmio_windows())?;
     let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
     log::debug!("VM built");
-    Ok(Vm::new(kvm, vm, mem, vcpus, exit, devices.console, events))
+    Ok(Vm::new(VmParts {
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        exit,
+        console,
+        events,
+        devices,
+    }))
 }
 
 /// Checks what can be checked before touching KVM; returns the memory layout.
@@ -246,165 +243,13 @@ fn load_guest(
     })
 }
 
-/// The buses and the devices on them.
-struct Devices {
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    console: Option<Console>,
-    /// What the kernel must be told about the devices: each virtio-mmio
-    /// window's base address and interrupt line.
-    cmdline: Vec<(u64, u32)>,
-}
-
-/// Places virtio devices: each gets a 4 KiB MMIO window from
-/// [`VIRTIO_MMIO_START`] and its own interrupt line from [`VIRTIO_FIRST_GSI`],
-/// announced on the kernel command line.
-struct VirtioSlots<'a> {
-    vm: &'a VmFd,
-    mem: &'a arch::GuestMemoryMmap,
-    mmio: &'a mut Bus,
-    events: &'a mut EventLoop,
-    cmdline: &'a mut Vec<(u64, u32)>,
-    next: u32,
-}
-
-impl VirtioSlots<'_> {
-    fn add<D>(&mut self, name: &str, device: D) -> Result<()>
-    where
-        D: VirtioDevice + MutEventSubscriber + 'static,
-    {
-        let gsi = VIRTIO_FIRST_GSI + self.next;
-        if gsi > VIRTIO_LAST_GSI {
-            return Err(BuildError::TooManyDevices(
-                VIRTIO_LAST_GSI - VIRTIO_FIRST_GSI + 1,
-            ));
-        }
-        let base = VIRTIO_MMIO_START + u64::from(self.next) * virtio::mmio::WINDOW_SIZE;
-        self.next += 1;
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        self.vm
-            .register_irqfd(&irq, gsi)
-            .map_err(kvm_err("connect a virtio interrupt"))?;
-        for (index, event) in device.queue_events().iter().enumerate() {
-            let notify = IoEventAddress::Mmio(base + virtio::mmio::REG_QUEUE_NOTIFY);
-            self.vm
-                .register_ioevent(event, &notify, index as u32)
-                .map_err(kvm_err("connect a virtio queue notification"))?;
-        }
-        let device = Arc::new(Mutex::new(device));
-        let transport = MmioTransport::new(
-            format!("{name}@{base:#x}"),
-            device.clone(),
-            self.mem.clone(),
-            Arc::new(Interrupt::new(irq)),
-        );
-        self.mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            virtio::mmio::WINDOW_SIZE,
-        )?;
-        self.events.add_subscriber(device);
-        self.cmdline.push((base, gsi));
-        log::debug!("{name}: virtio-mmio at {base:#x}, GSI {gsi}");
-        Ok(())
-    }
-}
-
-/// COM1, the i8042 (for reset), the pvpanic port and the virtio devices.
-fn create_devices(
-    config: &VmConfig,
-    vm: &VmFd,
-    mem: &arch::GuestMemoryMmap,
-    exit: &Arc<ExitState>,
-    events: &mut EventLoop,
-) -> Result<Devices> {
-    let mut mmio = Bus::new();
-    let mut cmdline = Vec::new();
-    let mut slots = VirtioSlots {
-        vm,
-        mem,
-        mmio: &mut mmio,
-        events,
-        cmdline: &mut cmdline,
-        next: 0,
-    };
-    if config.rng {
-        slots.add("virtio-rng", Rng::new().map_err(BuildError::EventFd)?)?;
-    }
-    for disk in &config.disks {
-        let image = DiskImage::open(&disk.path, disk.readonly)?;
-        let block = Block::new(image, disk.id.as_deref()).map_err(BuildError::EventFd)?;
-        slots.add("virtio-blk", block)?;
-    }
-    for nic in &config.nets {
-        let mac = nic.mac.unwrap_or_else(net::random_mac);
-        let device = net::Net::new(net::Tap::open(&nic.tap)?, mac).map_err(BuildError::EventFd)?;
-        log::info!("virtio-net: tap {}, MAC {}", nic.tap, net::format_mac(&mac));
-        slots.add(&format!("virtio-net({})", nic.tap), device)?;
-    }
-    if let Some(v) = &config.vsock {
-        slots.add("virtio-vsock", Vsock::new(v.cid, &v.socket)?)?;
-    }
-
-    let mut pio = Bus::new();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(kvm_err("connect the serial interrupt"))?;
-    // Blocking: the console input thread sleeps on it while the FIFO is full.
-    let input_space = EventFd::new(0).map_err(BuildError::EventFd)?;
-    let out: Box<dyn Write + Send> = match &config.serial {
-        SerialConfig::Stdio => Box::new(std::io::stdout()),
-        SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
-        SerialConfig::None => Box::new(std::io::sink()),
-    };
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_irq,
-        input_space.try_clone().map_err(BuildError::EventFd)?,
-        out,
-    )));
-    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_PORT,
-        I8042_PORT_LEN,
-    )?;
-    pio.insert(
-        Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
-        PVPANIC_PORT,
-        1,
-    )?;
-    let console = match config.serial {
-        SerialConfig::Stdio => Some(Console {
-            serial,
-            input_space,
-        }),
-        _ => None,
-    };
-    Ok(Devices {
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        console,
-        cmdline,
-    })
-}
-
 /// Creates and configures every vCPU; vCPU 0 starts at the kernel entry.
 fn create_vcpus(
     config: &VmConfig,
     kvm: &Kvm,
     vm: &VmFd,
     mem: &arch::GuestMemoryMmap,
-    devices: &Devices,
+    devices: &DeviceManager,
     exit: &Arc<ExitState>,
     boot: &BootState,
 ) -> Result<Vec<Vcpu>> {

@@ -7,6 +7,7 @@
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod device_manager;
 pub mod exit;
 pub mod host;
 pub mod loader;

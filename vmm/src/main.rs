@@ -25,7 +25,7 @@ fn run() -> i32 {
         Command::Run(args) => {
             let config = args.into_config();
             log::info!("starting: {}", vmm::cli::describe(&config));
-            let vm = match builder::build(&config) {
+            let mut vm = match builder::build(&config) {
                 Ok(vm) => vm,
                 Err(e) => {
                     eprintln!("ligera: error: {e}");
@@ -36,7 +36,7 @@ fn run() -> i32 {
             if let Some(message) = reason.message() {
                 eprintln!("ligera: {message}");
             }
-            reason.code()
+            vm.exit_process(reason.code())
         }
     }
 }

@@ -1,11 +1,20 @@
 //! One vCPU: its KVM state at boot, and the thread that runs it.
 //!
 //! Each vCPU thread loops on `KVM_RUN` and hands port and MMIO exits to the
-//! buses. Everything that ends the VM goes through [`ExitState`]; to stop a
-//! thread blocked in `KVM_RUN`, the VMM sends it [`kick_signal`], which makes
-//! `KVM_RUN` return `EINTR`.
+//! buses. Everything that ends the VM goes through [`ExitState`].
+//!
+//! The VMM steers a running vCPU through its [`VcpuHandle`]: it records what
+//! it wants (run, pause, stop) and sends the thread [`kick_signal`] once. The
+//! signal's handler sets `immediate_exit` in the vCPU's `kvm_run` structure,
+//! so `KVM_RUN` returns at once whether the thread was inside it or just about
+//! to enter it; the thread then looks at the request before entering again.
+//! No kick is lost and none needs repeating. A paused thread says so and
+//! sleeps on a condition variable, outside `KVM_RUN`, until resumed or stopped.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use arch::cpuid::{CpuidConfig, configure_cpuid};
 use arch::regs::{EntryPoint, boot_fpu, boot_msrs, boot_regs, boot_sregs, set_lint_pins};
@@ -45,6 +54,176 @@ pub enum VcpuError {
 /// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, if it is a vCPU thread.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: makes the current or next `KVM_RUN` of this
+/// vCPU thread return at once. Only touches a thread-local and the mapped
+/// `kvm_run` page, which is async-signal-safe.
+pub extern "C" fn kicked(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: set by the vCPU thread to its own kvm_run mapping, which
+        // outlives the pointer (cleared before the vCPU fd is dropped).
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
+
+/// What the VMM wants a vCPU thread to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// Where a vCPU thread is, as it reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reported {
+    Running,
+    Paused,
+    Ended,
+}
+
+struct Control {
+    request: Request,
+    reported: Reported,
+}
+
+/// Shared by a vCPU thread and its [`VcpuHandle`].
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On the vCPU thread, before each `KVM_RUN`: whether to go on running.
+    /// A pause request is acknowledged here and sleeps until lifted.
+    fn may_run(&self) -> bool {
+        let mut c = self.lock();
+        loop {
+            match c.request {
+                Request::Run => {
+                    if c.reported != Reported::Running {
+                        c.reported = Reported::Running;
+                        self.changed.notify_all();
+                    }
+                    return true;
+                }
+                Request::Stop => return false,
+                Request::Pause => {
+                    if c.reported != Reported::Paused {
+                        c.reported = Reported::Paused;
+                        self.changed.notify_all();
+                    }
+                    c = self.changed.wait(c).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+
+    fn ended(&self) {
+        self.lock().reported = Reported::Ended;
+        self.changed.notify_all();
+    }
+}
+
+/// The VMM's hold on a started vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why a vCPU did not do what it was asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LifecycleError {
+    #[error("vCPU {0} has ended: the VM is stopping")]
+    Ended(u8),
+    #[error("vCPU {0} did not pause within {1:?}")]
+    Timeout(u8, Duration),
+}
+
+impl VcpuHandle {
+    fn request(&self, request: Request) {
+        let mut c = self.shared.lock();
+        if c.request == Request::Stop {
+            return; // final
+        }
+        c.request = request;
+        drop(c);
+        self.shared.changed.notify_all();
+        if request != Request::Run {
+            self.kick();
+        }
+    }
+
+    fn kick(&self) {
+        use vmm_sys_util::signal::Killable;
+        if let Some(thread) = &self.thread
+            && !thread.is_finished()
+            && let Err(e) = thread.kill(kick_signal())
+        {
+            log::warn!("vCPU {}: cannot kick its thread: {e}", self.index);
+        }
+    }
+
+    /// Asks the vCPU to pause; see [`VcpuHandle::wait_paused`].
+    pub fn pause(&self) {
+        self.request(Request::Pause);
+    }
+
+    /// Waits until the vCPU is paused outside `KVM_RUN`.
+    pub fn wait_paused(&self, timeout: Duration) -> Result<(), LifecycleError> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.lock();
+        loop {
+            match c.reported {
+                Reported::Paused => return Ok(()),
+                Reported::Ended => return Err(LifecycleError::Ended(self.index)),
+                Reported::Running => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LifecycleError::Timeout(self.index, timeout));
+            }
+            c = self
+                .shared
+                .changed
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.request(Request::Run);
+    }
+
+    /// Asks the vCPU to stop and waits for its thread to end.
+    pub fn stop(&mut self) {
+        self.request(Request::Stop);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("vCPU {}: its thread panicked", self.index);
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A vCPU and what its thread needs.
@@ -158,16 +337,32 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU's thread.
-    pub fn start(self) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    /// Starts the vCPU's thread, running (or paused, if `paused`).
+    pub fn start(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                request: if paused { Request::Pause } else { Request::Run },
+                reported: Reported::Running,
+            }),
+            changed: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
-            .map_err(|source| VcpuError::Thread { index, source })
+            .spawn(move || {
+                self.run(&thread_shared);
+                thread_shared.ended();
+            })
+            .map_err(|source| VcpuError::Thread { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            shared,
+            thread: Some(thread),
+        })
     }
 
-    fn run(mut self) {
+    fn run(mut self, shared: &Shared) {
         // The kick signal is blocked in the threads that spawned us (so only
         // vCPU threads take it); take it here.
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
@@ -177,11 +372,21 @@ impl Vcpu {
             )));
             return;
         }
-        while !self.exit.is_stopping() {
+        let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        loop {
+            // Cleared before the request is read: a kick from now on sets it
+            // again and the next KVM_RUN returns at once.
+            // SAFETY: the vCPU's own kvm_run mapping, alive as long as `self.fd`.
+            unsafe { std::ptr::write_volatile(immediate_exit, 0) };
+            if self.exit.is_stopping() || !shared.may_run() {
+                break;
+            }
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
             }
         }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     }
 
     /// Runs the guest until its next exit and handles it; returns why the VM

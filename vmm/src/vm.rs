@@ -1,12 +1,16 @@
-//! A built VM and how it runs: one thread per vCPU, a console input thread,
-//! and the VMM event loop on the calling thread, which waits for a reason to
-//! stop (a guest event, a vCPU failure or a signal) and then tears down.
+//! A built VM and its life: configured, running, paused, stopped.
+//!
+//! Threads: one per vCPU (started by [`Vm::run`], steered through
+//! [`VmControl`]), a console input thread, a thread per block device for its
+//! I/O, the control socket's thread when there is one, and the VMM event
+//! loop on the thread that calls [`Vm::run`]: it serves the other devices and
+//! waits for a reason to stop (a guest event, a vCPU failure, a signal, a
+//! stop request), then stops the vCPUs and the device threads.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::bus::lock;
@@ -15,9 +19,10 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device_manager::DeviceManager;
 use crate::exit::{ExitReason, ExitState};
 use crate::terminal::RawTerminal;
-use crate::vcpu::{Vcpu, kick_signal};
+use crate::vcpu::{LifecycleError, Vcpu, VcpuHandle, kick_signal, kicked};
 
 /// Signals that stop the VM cleanly.
 const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -32,46 +37,173 @@ pub struct Console {
 /// The VMM's event loop: device work and VMM events, on the thread that runs the VM.
 pub type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// A VM ready to run. Field order is drop order: vCPUs and the VM fd go
-/// before the guest memory they point into.
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// Built, no vCPU has run yet.
+    Configured,
+    Running,
+    /// Every vCPU is stopped outside `KVM_RUN`; devices and the event loop go on.
+    Paused,
+    /// The vCPU threads have ended; the VM does not run again.
+    Stopped,
+}
+
+/// How long a pause may take before it is reported as failed: a vCPU leaves
+/// `KVM_RUN` within microseconds of its kick, even on an emulating host.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a lifecycle change was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("the VM is {0:?}; this needs it {1}")]
+    WrongState(VmState, &'static str),
+    #[error(transparent)]
+    Vcpu(#[from] LifecycleError),
+}
+
+/// The lifecycle of a VM, shared with whoever steers it (the control
+/// socket's thread): each state change is one call.
+pub struct VmControl {
+    state: Mutex<VmState>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    exit: Arc<ExitState>,
+}
+
+impl VmControl {
+    fn new(exit: Arc<ExitState>) -> Self {
+        VmControl {
+            state: Mutex::new(VmState::Configured),
+            vcpus: Mutex::new(Vec::new()),
+            exit,
+        }
+    }
+
+    pub fn state(&self) -> VmState {
+        *lock(&self.state)
+    }
+
+    /// Stops every vCPU at an instruction boundary, outside `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), StateError> {
+        let mut state = lock(&self.state);
+        match *state {
+            VmState::Running => {}
+            VmState::Paused => return Ok(()),
+            other => return Err(StateError::WrongState(other, "running")),
+        }
+        let vcpus = lock(&self.vcpus);
+        for vcpu in vcpus.iter() {
+            vcpu.pause();
+        }
+        for vcpu in vcpus.iter() {
+            if let Err(e) = vcpu.wait_paused(PAUSE_TIMEOUT) {
+                // Leave no vCPU half-paused.
+                vcpus.iter().for_each(VcpuHandle::resume);
+                return Err(e.into());
+            }
+        }
+        *state = VmState::Paused;
+        log::info!("VM paused");
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), StateError> {
+        let mut state = lock(&self.state);
+        match *state {
+            VmState::Paused => {}
+            VmState::Running => return Ok(()),
+            other => return Err(StateError::WrongState(other, "paused")),
+        }
+        lock(&self.vcpus).iter().for_each(VcpuHandle::resume);
+        *state = VmState::Running;
+        log::info!("VM resumed");
+        Ok(())
+    }
+
+    /// Asks the VM to stop; the event loop then stops the vCPUs. `reason`
+    /// decides ligera's exit status.
+    pub fn request_stop(&self, reason: ExitReason) {
+        self.exit.request(reason);
+    }
+
+    /// Stops and joins every vCPU thread.
+    fn stop_vcpus(&self) {
+        let mut state = lock(&self.state);
+        for mut vcpu in lock(&self.vcpus).drain(..) {
+            vcpu.stop();
+        }
+        *state = VmState::Stopped;
+    }
+}
+
+/// A VM: built, then run until something stops it. Field order is drop
+/// order: vCPUs, devices and the VM fd go before the guest memory they
+/// point into.
 pub struct Vm {
-    vcpus: Vec<Vcpu>,
+    control: Arc<VmControl>,
+    /// vCPUs built but not started yet.
+    unstarted: Vec<Vcpu>,
     console: Option<Console>,
     exit: Arc<ExitState>,
     events: EventLoop,
-    _vm: VmFd,
+    devices: DeviceManager,
+    vm: VmFd,
     _mem: arch::GuestMemoryMmap,
     _kvm: Kvm,
 }
 
+/// What [`Vm::new`] takes: everything the builder made.
+pub struct VmParts {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub mem: arch::GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub exit: Arc<ExitState>,
+    pub console: Option<Console>,
+    pub events: EventLoop,
+    pub devices: DeviceManager,
+}
+
 impl Vm {
-    pub fn new(
-        kvm: Kvm,
-        vm: VmFd,
-        mem: arch::GuestMemoryMmap,
-        vcpus: Vec<Vcpu>,
-        exit: Arc<ExitState>,
-        console: Option<Console>,
-        events: EventLoop,
-    ) -> Self {
+    pub fn new(p: VmParts) -> Self {
         Vm {
-            vcpus,
-            console,
-            exit,
-            events,
-            _vm: vm,
-            _mem: mem,
-            _kvm: kvm,
+            control: Arc::new(VmControl::new(p.exit.clone())),
+            unstarted: p.vcpus,
+            console: p.console,
+            exit: p.exit,
+            events: p.events,
+            devices: p.devices,
+            vm: p.vm,
+            _mem: p.mem,
+            _kvm: p.kvm,
         }
     }
 
-    /// Runs the guest until something stops it, and says why.
-    pub fn run(mut self) -> ExitReason {
+    /// The handle to pause, resume or stop this VM from another thread.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    pub fn state(&self) -> VmState {
+        self.control.state()
+    }
+
+    /// The devices, which stay reachable for the VM's whole life.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Runs the guest until something stops it, and says why. The VM is
+    /// Stopped afterwards; its devices can still be read.
+    pub fn run(&mut self) -> ExitReason {
+        if self.state() != VmState::Configured {
+            return ExitReason::VmmError("the VM has already run".into());
+        }
         match self.run_inner() {
             Ok(()) => {}
             Err(message) => self.exit.request(ExitReason::VmmError(message)),
         }
-        hand_off_teardown(self._vm.as_raw_fd());
         self.exit
             .reason()
             .unwrap_or_else(|| ExitReason::VmmError("the VM stopped without a reason".into()))
@@ -85,7 +217,6 @@ impl Vm {
             vmm_sys_util::signal::block_signal(sig)
                 .map_err(|e| format!("cannot block signal {sig}: {e}"))?;
         }
-        extern "C" fn kicked(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kicked)
             .map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
         let signals = signal_fd(&STOP_SIGNALS)?;
@@ -98,24 +229,48 @@ impl Vm {
         if let Some(console) = &self.console {
             start_console_input(console)?;
         }
+        self.devices
+            .start_threads()
+            .map_err(|e| format!("cannot start a device thread: {e}"))?;
 
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for vcpu in self.vcpus.drain(..) {
-            match vcpu.start() {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    self.exit.request(ExitReason::VmmError(e.to_string()));
-                    break;
+        {
+            let mut state = lock(&self.control.state);
+            let mut handles = lock(&self.control.vcpus);
+            for vcpu in self.unstarted.drain(..) {
+                match vcpu.start(false) {
+                    Ok(handle) => handles.push(handle),
+                    Err(e) => {
+                        self.exit.request(ExitReason::VmmError(e.to_string()));
+                        break;
+                    }
                 }
             }
+            *state = VmState::Running;
         }
+        log::debug!("vCPUs started");
 
         let result = event_loop(&mut self.events, self.exit.clone(), signals);
         if let Err(e) = &result {
             self.exit.request(ExitReason::VmmError(e.clone()));
         }
-        stop_vcpus(threads);
+        self.control.stop_vcpus();
+        self.devices.stop_threads();
         result
+    }
+
+    /// Ends the process with `code`. Destroying a VM makes the kernel wait
+    /// for several RCU grace periods; where that is safe, a child pays for
+    /// it instead (see [`hand_off_teardown`]).
+    pub fn exit_process(self, code: i32) -> ! {
+        // As PID 1 of a PID namespace, the child would be killed with us and
+        // our exit would wait for it anyway.
+        let pid_one = std::process::id() == 1;
+        let inline = std::env::var_os("LIGERA_INLINE_TEARDOWN").is_some();
+        if !pid_one && !inline {
+            hand_off_teardown(self.vm.as_raw_fd());
+        }
+        drop(self);
+        std::process::exit(code)
     }
 }
 
@@ -137,27 +292,32 @@ fn hand_off_teardown(vm_fd: RawFd) {
         vm_fd: libc::c_uint,
     }
     extern "C" fn teardown_child(arg: *mut libc::c_void) -> libc::c_int {
+        // The child shares the parent's thread pointer (no CLONE_SETTLS), so
+        // it must not touch thread-local storage: libc's wrappers write errno
+        // there. It makes raw system calls only.
         // SAFETY: `arg` points to the leaked Handoff below, never freed.
         let Handoff { parent, vm_fd } = unsafe { std::ptr::read(arg as *const Handoff) };
-        // SAFETY: we share the parent's memory but run on our own stack and
-        // only make system calls. We keep only the VM descriptor: everything
-        // else (stdio, so readers see end-of-file; disk images, so their
-        // locks go; taps and sockets) closes with ligera, as it would without
-        // this child.
+        let vm_fd = u64::from(vm_fd);
+        // SAFETY: raw system calls on our own stack, touching no memory of
+        // the parent's. We keep only the VM descriptor: everything else
+        // (stdio, so readers see end-of-file; disk images, so their locks go;
+        // taps and sockets) closes with ligera, as it would without this child.
         unsafe {
-            libc::syscall(libc::SYS_close_range, 0, vm_fd.saturating_sub(1), 0);
-            libc::syscall(libc::SYS_close_range, vm_fd + 1, libc::c_uint::MAX, 0);
-            if vm_fd == 0 {
-                // close_range(0, 0) above closed it: nothing left to keep.
-                libc::_exit(0);
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                while libc::getppid() == parent {
-                    libc::pause();
+            raw_syscall(libc::SYS_close_range, [0, vm_fd.saturating_sub(1), 0]);
+            raw_syscall(libc::SYS_close_range, [vm_fd + 1, u64::from(u32::MAX), 0]);
+            if vm_fd != 0
+                && raw_syscall(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_PDEATHSIG as u64, libc::SIGKILL as u64, 0],
+                ) == 0
+            {
+                while raw_syscall(libc::SYS_getppid, [0; 3]) == i64::from(parent) {
+                    raw_syscall(libc::SYS_pause, [0; 3]);
                 }
             }
-            libc::_exit(0)
+            raw_syscall(libc::SYS_exit, [0; 3]);
         }
+        0
     }
     let Ok(vm_fd) = libc::c_uint::try_from(vm_fd) else {
         return;
@@ -188,6 +348,30 @@ fn hand_off_teardown(vm_fd: RawFd) {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// A system call without libc's wrapper (which would set errno); returns
+/// the kernel's result (negative errno on failure).
+///
+/// # Safety
+/// The call and its arguments must be valid for the calling context.
+unsafe fn raw_syscall(nr: libc::c_long, args: [u64; 3]) -> i64 {
+    let ret: i64;
+    // SAFETY: the x86_64 system call convention: number in rax, arguments
+    // in rdi, rsi, rdx; the kernel clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") args[0],
+            in("rsi") args[1],
+            in("rdx") args[2],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
 }
 
 /// A signalfd for `signals` (which must be blocked).
@@ -250,23 +434,6 @@ fn event_loop(manager: &mut EventLoop, exit: Arc<ExitState>, signals: File) -> R
             .map_err(|e| format!("event loop failed: {e:?}"))?;
     }
     Ok(())
-}
-
-/// Kicks every vCPU thread out of KVM_RUN until it has ended, then joins it.
-/// Kicks repeat because a kick that lands just before a thread enters
-/// KVM_RUN is lost.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
-    use std::os::unix::thread::JoinHandleExt;
-    for thread in threads {
-        while !thread.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        if thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
-        }
-    }
 }
 
 /// Feeds stdin to the guest's UART, as fast as the guest drains its FIFO.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
+use super::runner::{DeviceMailbox, DeviceRequest};
 use super::{Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::BusDevice;
 use crate::bus::lock;
@@ -106,9 +107,18 @@ impl QueueRegs {
     }
 }
 
+/// Who carries out activation and reset.
+enum Worker {
+    /// The device's runner on its event loop (how ligera runs devices).
+    Runner(Arc<DeviceMailbox>),
+    /// The thread that writes the register (tests and tools without a loop).
+    Inline,
+}
+
 /// One virtio device as the guest sees it on the MMIO bus.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    worker: Worker,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
     device_type: u32,
@@ -130,6 +140,23 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// A transport whose device is activated and reset by its
+    /// [`super::runner::VirtioRunner`] on an event loop: the thread writing
+    /// the registers only posts the request (see [`super::runner`]).
+    pub fn with_runner(
+        name: impl Into<String>,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mailbox: Arc<DeviceMailbox>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        let mut t = Self::new(name, device, mem, interrupt);
+        t.worker = Worker::Runner(mailbox);
+        t
+    }
+
+    /// A transport that activates and resets its device on the thread that
+    /// writes the status register (for tests and tools without an event loop).
     pub fn new(
         name: impl Into<String>,
         device: Arc<Mutex<dyn VirtioDevice>>,
@@ -147,6 +174,7 @@ impl MmioTransport {
         };
         MmioTransport {
             device,
+            worker: Worker::Inline,
             mem,
             interrupt,
             device_type,
@@ -177,9 +205,15 @@ impl MmioTransport {
         }
     }
 
-    /// The device status register.
+    /// The device status register (with DEVICE_NEEDS_RESET if the device's
+    /// runner could not activate it).
     pub fn status(&self) -> u32 {
-        self.status
+        match &self.worker {
+            Worker::Runner(mailbox) if self.active && mailbox.failed() => {
+                self.status | STATUS_NEEDS_RESET
+            }
+            _ => self.status,
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
@@ -206,7 +240,7 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: length all ones means "none" (§4.2.2).
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
@@ -354,12 +388,20 @@ impl MmioTransport {
             features: self.driver_features,
             interrupt: self.interrupt.clone(),
         };
-        let result = lock(&self.device).activate(activation);
-        match result {
-            Ok(()) => self.active = true,
-            Err(e) => {
-                self.driver_error(format_args!("cannot activate: {e}"));
-                self.needs_reset();
+        match &self.worker {
+            Worker::Runner(mailbox) => {
+                mailbox.post(DeviceRequest::Activate(activation));
+                self.active = true;
+            }
+            Worker::Inline => {
+                let result = lock(&self.device).activate(activation);
+                match result {
+                    Ok(()) => self.active = true,
+                    Err(e) => {
+                        self.driver_error(format_args!("cannot activate: {e}"));
+                        self.needs_reset();
+                    }
+                }
             }
         }
     }
@@ -372,7 +414,15 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.active {
-            lock(&self.device).reset();
+            match &self.worker {
+                Worker::Runner(mailbox) => {
+                    let ticket = mailbox.post(DeviceRequest::Reset);
+                    if !mailbox.wait(ticket) {
+                        log::error!("{}: the device did not finish its reset in time", self.name);
+                    }
+                }
+                Worker::Inline => lock(&self.device).reset(),
+            }
         }
         self.active = false;
         self.status = 0;

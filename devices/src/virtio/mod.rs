@@ -17,6 +17,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod runner;
 pub mod vsock;
 
 use std::sync::Arc;
