@@ -14,7 +14,7 @@ PACKAGES=(
     linux-source-6.1 bc flex bison libelf-dev cpio lz4 xz-utils  # guest kernel
     busybox-static                          # initramfs
     qemu-system-x86                         # the benchmark's peer
-    iproute2 procps strace                  # network tests, diagnostics
+    iproute2 procps strace curl             # network tests, control socket tests, diagnostics
     e2fsprogs                               # ext4 images for the Linux block test
 )
 

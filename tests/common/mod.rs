@@ -277,6 +277,21 @@ impl Running {
         }
     }
 
+    /// Collects the guest's output for `time`; returns all of it so far.
+    pub fn collect_for(&mut self, time: Duration) -> String {
+        let deadline = Instant::now() + time;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Ok(chunk) = self.stdout.recv_timeout(left) {
+                self.seen.extend_from_slice(&chunk);
+            }
+        }
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
     /// Waits for ligera to exit; kills it and fails the test on timeout.
     pub fn finish(mut self, timeout: Duration) -> Outcome {
         let deadline = Instant::now() + timeout;

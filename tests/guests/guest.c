@@ -4,7 +4,8 @@
  * topology, MP table, secondary vCPUs), one fact per line, for the test
  * suite to check against what it asked ligera for. The kernel command line
  * picks the test: "test=report" (default), "test=echo", "test=panic",
- * "test=triplefault", "test=badfetch", "test=hang", "test=touch touch_mib=N"
+ * "test=triplefault", "test=badfetch", "test=hang", "test=touch touch_mib=N",
+ * "test=count" (counts for ever, echoing i8042 keyboard bytes)
  * (write to N MiB of RAM), "test=virtio" (every
  * virtio device on the command line), "test=hostile" (a misbehaving driver
  * against the first virtio device).
@@ -488,6 +489,17 @@ void guest_main(u64 boot_info, u64 kind)
 		struct vdev dev;
 		if (virtio_find(cmdline, &dev, 1) == 1)
 			virtio_blkflush(&dev);
+	} else if (starts_with(test, "count")) {
+		/* Counts for ever, one line every few milliseconds, and reports
+		 * each byte the keyboard controller hands over. */
+		for (u64 n = 0;; n++) {
+			say("COUNT %x\n", n);
+			for (int i = 0; i < 2000; i++) {
+				__asm__ volatile("pause");
+				if (inb(0x64) & 1)
+					say("KBD %x\n", (u64)inb(0x60));
+			}
+		}
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)

@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// Firecracker's hybrid-vsock protocol: cid=N,socket=PATH.
     #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+
+    /// Serve the control API (HTTP/1.1, JSON) on a Unix socket at PATH:
+    /// pause, resume, stop, Ctrl-Alt-Del, state and configuration.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -147,6 +152,7 @@ impl RunArgs {
             disks: self.disk,
             nets: self.net,
             vsock: self.vsock,
+            api_socket: self.api_sock,
             ..VmConfig::new(self.kernel)
         }
     }

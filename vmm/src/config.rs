@@ -77,6 +77,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// The control socket (`--api-sock`).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -95,6 +97,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            api_socket: None,
         }
     }
 }

@@ -34,13 +34,15 @@ pub enum ExitReason {
     VmmError(String),
     /// A signal asked ligera to stop.
     Signal(i32),
+    /// The control socket asked the VM to stop.
+    Stopped,
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset => EXIT_OK,
+            ExitReason::GuestReset | ExitReason::Stopped => EXIT_OK,
             ExitReason::GuestPanic => EXIT_GUEST_PANIC,
             ExitReason::TripleFault(_) => EXIT_TRIPLE_FAULT,
             ExitReason::KvmFailure(_) => EXIT_KVM_FAILURE,
@@ -52,7 +54,7 @@ impl ExitReason {
     /// A one-line description for stderr, if this is not a normal end.
     pub fn message(&self) -> Option<String> {
         match self {
-            ExitReason::GuestReset => None,
+            ExitReason::GuestReset | ExitReason::Stopped => None,
             ExitReason::GuestPanic => Some("the guest kernel panicked".into()),
             ExitReason::TripleFault(m) => Some(format!("guest triple fault: {m}")),
             ExitReason::KvmFailure(m) => Some(m.clone()),

@@ -4,6 +4,7 @@
 //! assembles a [`vm::Vm`] from it, and `vm` runs it until the guest reboots,
 //! fails or a signal stops it; `exit` maps the outcome to an exit status.
 
+pub mod api;
 pub mod builder;
 pub mod cli;
 pub mod config;

@@ -32,7 +32,19 @@ fn run() -> i32 {
                     return EXIT_VMM_ERROR;
                 }
             };
+            if let Err(e) = vmm::vm::block_signals() {
+                eprintln!("ligera: error: {e}");
+                return EXIT_VMM_ERROR;
+            }
+            let api = match vmm::api::start(&vm, &config) {
+                Ok(api) => api,
+                Err(e) => {
+                    eprintln!("ligera: error: {e}");
+                    return EXIT_VMM_ERROR;
+                }
+            };
             let reason = vm.run();
+            drop(api);
             if let Some(message) = reason.message() {
                 eprintln!("ligera: {message}");
             }

@@ -210,13 +210,7 @@ impl Vm {
     }
 
     fn run_inner(&mut self) -> Result<(), String> {
-        // Threads inherit the signal mask: block the stop signals everywhere
-        // (they arrive through a signalfd in the event loop) and the kick
-        // signal everywhere but in vCPU threads, which unblock it.
-        for sig in STOP_SIGNALS.iter().copied().chain([kick_signal()]) {
-            vmm_sys_util::signal::block_signal(sig)
-                .map_err(|e| format!("cannot block signal {sig}: {e}"))?;
-        }
+        block_signals()?;
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kicked)
             .map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
         let signals = signal_fd(&STOP_SIGNALS)?;
@@ -348,6 +342,21 @@ fn hand_off_teardown(vm_fd: RawFd) {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Blocks the stop signals (they arrive through a signalfd in the event
+/// loop) and the vCPU kick signal (vCPU threads unblock it) in the calling
+/// thread, and so in every thread it starts afterwards: call it before
+/// starting any thread.
+pub fn block_signals() -> Result<(), String> {
+    use vmm_sys_util::signal::{Error, block_signal};
+    for sig in STOP_SIGNALS.iter().copied().chain([kick_signal()]) {
+        match block_signal(sig) {
+            Ok(()) | Err(Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(format!("cannot block signal {sig}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// A system call without libc's wrapper (which would set errno); returns

@@ -1,0 +1,206 @@
+//! The control socket (`ligera run --api-sock PATH`): HTTP/1.1 with JSON
+//! bodies in Firecracker's shapes, so that the Firecracker-compatible API
+//! to come is more routes on the same server.
+//!
+//! | request | effect |
+//! |---|---|
+//! | `GET /` | `{"id", "state", "vmm_version", "app_name"}`; state is `Not started`, `Running`, `Paused` or `Stopped` |
+//! | `GET /vm/config` | the VM's configuration in Firecracker's `vm/config` shape |
+//! | `PATCH /vm` `{"state": "Paused" \| "Resumed"}` | pauses or resumes every vCPU; 204 |
+//! | `PUT /actions` `{"action_type": "SendCtrlAltDel"}` | types Ctrl-Alt-Del on the i8042 keyboard; 204 |
+//! | `PUT /actions` `{"action_type": "Stop"}` | (ligera's own) stops the VM; ligera exits with status 0; 204 |
+//!
+//! Errors are 400 with `{"fault_message": "..."}` naming what was wrong.
+
+pub mod server;
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::legacy::I8042;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::VmConfig;
+use crate::exit::ExitReason;
+use crate::vm::{Vm, VmControl, VmState};
+pub use server::{ApiServer, Handler, Request, Response, ServerError};
+
+/// Answers the control socket's requests for one VM.
+pub struct VmApi {
+    control: Arc<VmControl>,
+    i8042: Arc<Mutex<I8042>>,
+    config: VmConfig,
+}
+
+impl VmApi {
+    pub fn new(vm: &Vm, config: &VmConfig) -> Self {
+        VmApi {
+            control: vm.control(),
+            i8042: vm.devices().i8042.clone(),
+            config: config.clone(),
+        }
+    }
+}
+
+/// Starts the control socket for `vm` at `config.api_socket`, if set.
+pub fn start(vm: &Vm, config: &VmConfig) -> Result<Option<ApiServer>, ServerError> {
+    match &config.api_socket {
+        Some(path) => ApiServer::start(path, VmApi::new(vm, config)).map(Some),
+        None => Ok(None),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateBody {
+    state: RequestedState,
+}
+
+#[derive(Deserialize)]
+enum RequestedState {
+    Paused,
+    Resumed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: Action,
+}
+
+#[derive(Deserialize)]
+enum Action {
+    SendCtrlAltDel,
+    Stop,
+}
+
+/// Parses a JSON body, or says what is wrong with it.
+fn body<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, Response> {
+    serde_json::from_slice(&request.body)
+        .map_err(|e| Response::fault(400, format!("{} {}: {e}", request.method, request.path)))
+}
+
+impl VmApi {
+    fn instance_info(&self) -> Response {
+        let state = match self.control.state() {
+            VmState::Configured => "Not started",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Stopped => "Stopped",
+        };
+        Response::json(
+            200,
+            json!({
+                "id": "anonymous-instance",
+                "state": state,
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "ligera",
+            }),
+        )
+    }
+
+    fn vm_config(&self) -> Response {
+        let c = &self.config;
+        let drives: Vec<_> = c
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                json!({
+                    "drive_id": d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                    "path_on_host": d.path,
+                    "is_root_device": false,
+                    "is_read_only": d.readonly,
+                })
+            })
+            .collect();
+        let nets: Vec<_> = c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                json!({
+                    "iface_id": format!("net{i}"),
+                    "host_dev_name": n.tap,
+                    "guest_mac": n.mac.map(|m| devices::virtio::net::format_mac(&m)),
+                })
+            })
+            .collect();
+        Response::json(
+            200,
+            json!({
+                "boot-source": {
+                    "kernel_image_path": c.kernel,
+                    "initrd_path": c.initrd,
+                    "boot_args": c.cmdline,
+                },
+                "drives": drives,
+                "machine-config": {
+                    "vcpu_count": c.vcpus,
+                    "mem_size_mib": c.mem_size >> 20,
+                    "smt": false,
+                },
+                "network-interfaces": nets,
+                "vsock": c.vsock.as_ref().map(|v| json!({
+                    "guest_cid": v.cid,
+                    "uds_path": v.socket,
+                })),
+                "entropy": c.rng.then(|| json!({})),
+            }),
+        )
+    }
+
+    fn patch_vm(&self, request: &Request) -> Response {
+        let parsed: VmStateBody = match body(request) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let result = match parsed.state {
+            RequestedState::Paused => self.control.pause(),
+            RequestedState::Resumed => self.control.resume(),
+        };
+        match result {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::fault(400, e.to_string()),
+        }
+    }
+
+    fn action(&self, request: &Request) -> Response {
+        let parsed: ActionBody = match body(request) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        match parsed.action_type {
+            Action::SendCtrlAltDel => {
+                if lock(&self.i8042).send_ctrl_alt_del() {
+                    Response::no_content()
+                } else {
+                    Response::fault(
+                        400,
+                        "the guest has not read the keys it was sent before (i8042 buffer full)",
+                    )
+                }
+            }
+            Action::Stop => {
+                self.control.request_stop(ExitReason::Stopped);
+                Response::no_content()
+            }
+        }
+    }
+}
+
+impl Handler for VmApi {
+    fn handle(&mut self, request: &Request) -> Response {
+        match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/") => self.instance_info(),
+            ("GET", "/vm/config") => self.vm_config(),
+            ("PATCH", "/vm") => self.patch_vm(request),
+            ("PUT", "/actions") => self.action(request),
+            (method, path) => Response::fault(
+                400,
+                format!("invalid request method and/or path: {method} {path}"),
+            ),
+        }
+    }
+}
