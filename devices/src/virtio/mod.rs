@@ -163,56 +163,135 @@ pub fn read_config_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Pops available descriptor chains, lets `handle` process each (returning
-/// the number of bytes written to it), puts it in the used ring, and raises
+/// What a device did with one descriptor chain, for [`drain_queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Done: return it to the driver with `len` bytes written to it;
+    /// `cost` (bytes moved, say) counts against [`Budget::cost`].
+    Used { len: u32, cost: u64 },
+    /// Kept by the device (its backend cannot take it now): stop draining
+    /// without returning it; the device returns it later itself.
+    Kept,
+}
+
+impl Handled {
+    /// Used, with `len` bytes written and no cost beyond the chain.
+    pub fn used(len: u32) -> Self {
+        Handled::Used { len, cost: 0 }
+    }
+}
+
+/// How much one call of [`drain_queue`] may do before the other devices
+/// of the event loop get their turn.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Chains handled.
+    pub chains: usize,
+    /// The sum of the handler's costs.
+    pub cost: u64,
+}
+
+impl Budget {
+    pub const fn chains(chains: usize) -> Self {
+        Budget {
+            chains,
+            cost: u64::MAX,
+        }
+    }
+}
+
+/// How a [`drain_queue`] call ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Chains returned to the driver.
+    pub used: usize,
+    /// The budget ran out with chains still available: the caller comes
+    /// back later (re-arming its queue event).
+    pub more: bool,
+    /// A chain was kept by the handler.
+    pub kept: bool,
+    /// The ring cannot be read (an avail index more than a queue ahead, or
+    /// outside guest memory): nothing is served until the driver notifies
+    /// again or resets the device.
+    pub broken: bool,
+}
+
+/// Whether the driver's avail index is further ahead than the queue holds
+/// (or unreadable): then `pop_descriptor_chain` finds nothing, while
+/// re-enabling notifications keeps saying there is more — a loop that would
+/// never end.
+pub fn ring_is_broken(queue: &Queue, mem: &GuestMemory) -> bool {
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => (idx - std::num::Wrapping(queue.next_avail())).0 > queue.size(),
+        Err(_) => true,
+    }
+}
+
+/// Interrupts the driver if it wants to hear about used buffers (with
+/// EVENT_IDX, only when it asked to; when unsure, it is told).
+pub fn signal_used_if_needed(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => interrupt.signal_used(),
+    }
+}
+
+/// The one way devices serve a queue the driver fills: pops available
+/// chains, lets `handle` process each, puts it in the used ring, and raises
 /// the interrupt if the driver wants one.
 ///
-/// At most `budget` chains are handled, so one queue cannot keep the event
-/// loop from the other devices; returns true when it stopped with chains
-/// still available (the caller then re-arms its own queue event). A ring the
-/// device cannot read (an avail index more than a queue ahead, or outside
-/// guest memory) ends the loop: the driver has to fix or reset the queue, and
-/// a notification that finds nothing to pop is not an invitation to spin.
+/// At most `budget` is spent, so one queue cannot keep the event loop from
+/// the other devices; the result says whether chains are left (the caller
+/// then re-arms its queue event). A ring the device cannot read (see
+/// [`ring_is_broken`]) ends the call: the driver has to fix or reset the
+/// queue, and a notification that finds nothing to pop is not an invitation
+/// to spin.
 pub fn drain_queue<F>(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
-    budget: usize,
+    budget: Budget,
     mut handle: F,
-) -> bool
+) -> Drained
 where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Handled,
 {
-    let mut handled = 0;
-    let mut more = false;
-    loop {
+    let mut done = Drained::default();
+    let (mut chains, mut cost) = (0usize, 0u64);
+    'rounds: loop {
+        if ring_is_broken(queue, mem) {
+            log::debug!("virtio: the available ring is unreadable; waiting for the driver");
+            done.broken = true;
+            break;
+        }
         if let Err(e) = queue.disable_notification(mem) {
             log::debug!("virtio: cannot disable notifications: {e}");
         }
-        let mut popped = 0;
-        while handled < budget {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = handle(chain);
-            popped += 1;
-            handled += 1;
-            if let Err(e) = queue.add_used(mem, head, len) {
-                log::debug!("virtio: cannot return descriptor {head}: {e}");
+            chains += 1;
+            match handle(chain) {
+                Handled::Kept => {
+                    done.kept = true;
+                    break 'rounds;
+                }
+                Handled::Used { len, cost: c } => {
+                    cost = cost.saturating_add(c);
+                    match queue.add_used(mem, head, len) {
+                        Ok(()) => done.used += 1,
+                        Err(e) => log::debug!("virtio: cannot return descriptor {head}: {e}"),
+                    }
+                }
             }
-        }
-        if handled >= budget {
-            more = true;
-            break;
+            if chains >= budget.chains || cost >= budget.cost {
+                // Spent. Re-enabling says whether more is waiting.
+                done.more = matches!(queue.enable_notification(mem), Ok(true));
+                break 'rounds;
+            }
         }
         // With EVENT_IDX, re-enabling reports whether more arrived meanwhile.
         match queue.enable_notification(mem) {
-            Ok(true) if popped > 0 => continue,
-            Ok(true) => {
-                log::debug!("virtio: the available ring is unreadable; waiting for the driver");
-                break;
-            }
+            Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
                 log::debug!("virtio: cannot enable notifications: {e}");
@@ -220,13 +299,10 @@ where
             }
         }
     }
-    if handled > 0 {
-        match queue.needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => interrupt.signal_used(),
-        }
+    if done.used > 0 {
+        signal_used_if_needed(queue, mem, interrupt);
     }
-    more
+    done
 }
 
 #[cfg(test)]

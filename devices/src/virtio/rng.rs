@@ -8,8 +8,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, Activation, F_VERSION_1, GuestMemory, Interrupt, TYPE_RNG, VirtioDevice,
-    drain_queue,
+    ActivateError, Activation, Budget, F_VERSION_1, GuestMemory, Handled, Interrupt, TYPE_RNG,
+    VirtioDevice, drain_queue,
 };
 use std::sync::Arc;
 
@@ -46,32 +46,32 @@ impl Rng {
             return;
         };
         let mut random = vec![0u8; MAX_REQUEST];
-        let more = drain_queue(
+        let drained = drain_queue(
             &mut r.queue,
             &r.mem,
             &r.interrupt,
-            REQUESTS_PER_EVENT,
+            Budget::chains(REQUESTS_PER_EVENT),
             |chain| {
                 let mem = chain.memory();
                 let mut writer = match chain.clone().writer(mem) {
                     Ok(w) => w,
                     Err(e) => {
                         log::debug!("virtio-rng: bad descriptor chain: {e:?}");
-                        return 0;
+                        return Handled::used(0);
                     }
                 };
                 let want = writer.available_bytes().min(MAX_REQUEST);
                 let got = getrandom(&mut random[..want]);
-                match writer.write_all(&random[..got]) {
+                Handled::used(match writer.write_all(&random[..got]) {
                     Ok(()) => got as u32,
                     Err(e) => {
                         log::debug!("virtio-rng: cannot write to the guest: {e}");
                         writer.bytes_written() as u32
                     }
-                }
+                })
             },
         );
-        if more {
+        if drained.more {
             // Come back after the other events of this round.
             if let Err(e) = self.queue_events[0].write(1) {
                 log::warn!("virtio-rng: cannot re-arm the queue event: {e}");

@@ -27,9 +27,7 @@
 pub mod disk;
 pub mod request;
 
-use std::num::Wrapping;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -37,15 +35,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::disk::{DiskImage, SECTOR_SIZE};
 use self::request::{Buffer, Limits, Range, Request, RequestKind};
 use super::{
-    ActivateError, Activation, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory, Interrupt,
-    TYPE_BLOCK, VirtioDevice,
+    ActivateError, Activation, Budget, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory,
+    Handled, Interrupt, TYPE_BLOCK, VirtioDevice, drain_queue,
 };
 
 pub use self::disk::DiskError;
@@ -113,78 +111,18 @@ impl Block {
         let Some(r) = self.running.as_mut() else {
             return;
         };
-        let mut used_any = false;
-        let mut chains = 0;
-        let mut bytes = 0u64;
-        let mut more = false;
-        let mut spent = false;
-        loop {
-            // An avail index more than a queue's worth ahead is a broken
-            // ring: virtio-queue hands out nothing (and logs an error each
-            // time) while `enable_notification` keeps reporting work, so the
-            // loop would spin. Serve nothing until the driver fixes it.
-            match r.queue.avail_idx(&r.mem, Ordering::Acquire) {
-                Ok(idx) if (idx - Wrapping(r.queue.next_avail())).0 <= r.queue.size() => {}
-                Ok(idx) => {
-                    log::debug!(
-                        "virtio-blk: avail index {idx} is more than {} ahead of {}: ignored",
-                        r.queue.size(),
-                        r.queue.next_avail()
-                    );
-                    break;
-                }
-                Err(e) => {
-                    log::debug!("virtio-blk: cannot read the avail index: {e}");
-                    break;
-                }
-            }
-            if let Err(e) = r.queue.disable_notification(&r.mem) {
-                log::debug!("virtio-blk: cannot disable notifications: {e}");
-            }
-            while let Some(chain) = r.queue.pop_descriptor_chain(&r.mem) {
-                let head = chain.head_index();
-                let (len, moved) = handle(
-                    &self.disk,
-                    &self.id,
-                    &r.mem,
-                    &r.limits,
-                    r.flush,
-                    &mut self.warned,
-                    chain,
-                );
-                if let Err(e) = r.queue.add_used(&r.mem, head, len) {
-                    log::debug!("virtio-blk: cannot return descriptor {head}: {e}");
-                    continue;
-                }
-                used_any = true;
-                chains += 1;
-                bytes += moved;
-                if chains >= MAX_CHAINS_PER_EVENT || bytes >= MAX_BYTES_PER_EVENT {
-                    spent = true;
-                    break;
-                }
-            }
-            match r.queue.enable_notification(&r.mem) {
-                // More is waiting but this turn is spent: come back later.
-                Ok(true) if spent => {
-                    more = true;
-                    break;
-                }
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::debug!("virtio-blk: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used_any {
-            match r.queue.needs_notification(&r.mem) {
-                Ok(false) => {}
-                Ok(true) | Err(_) => r.interrupt.signal_used(),
-            }
-        }
-        if more && let Err(e) = self.queue_events[0].write(1) {
+        let (disk, id, warned) = (&self.disk, &self.id, &mut self.warned);
+        let budget = Budget {
+            chains: MAX_CHAINS_PER_EVENT,
+            cost: MAX_BYTES_PER_EVENT,
+        };
+        let drained = drain_queue(&mut r.queue, &r.mem, &r.interrupt, budget, |chain| {
+            let (len, moved) = handle(disk, id, &r.mem, &r.limits, r.flush, warned, chain);
+            Handled::Used { len, cost: moved }
+        });
+        if drained.more
+            && let Err(e) = self.queue_events[0].write(1)
+        {
             log::warn!("virtio-blk: cannot re-arm the queue event: {e}");
         }
     }

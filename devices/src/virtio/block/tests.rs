@@ -1,6 +1,7 @@
 //! The block device driven through a mock split queue in real guest memory.
 
 use std::path::PathBuf;
+use virtio_queue::QueueT;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

@@ -31,8 +31,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, Activation, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory, Interrupt,
-    TYPE_NET, VirtioDevice,
+    ActivateError, Activation, Budget, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory,
+    Handled, Interrupt, TYPE_NET, VirtioDevice, drain_queue, signal_used_if_needed,
 };
 pub use chain::{ChainError, HDR_LEN, MAX_TX_FRAME};
 use chain::{OFF_NUM_BUFFERS, RxBuffer, TxFrame, check_tx_header, fix_rx_header};
@@ -354,83 +354,71 @@ impl<B: NetBackend> Net<B> {
     }
 
     /// Sends what the guest queued for transmission: at most [`BUDGET`]
-    /// frames, then re-arms itself.
+    /// frames, then re-arms itself. A frame the backend cannot take now is
+    /// kept (the guest does not get it back yet) and sent first when the
+    /// backend is writable again.
     pub fn process_tx(&mut self) {
         let Some(r) = self.running.as_mut() else {
             return;
         };
-        let mut used = false;
-        let mut budget = BUDGET;
-        if let Err(e) = r.tx.disable_notification(&r.mem) {
-            log::debug!("{}: cannot disable TX notifications: {e}", self.report.name);
+        let mut returned = false;
+        if let Some(head) = self.tx_backlog {
+            // `tx` still describes that chain.
+            let result = send(
+                &mut self.backend,
+                &self.tx,
+                &r.mem,
+                &mut self.iov,
+                &mut self.tx_copy,
+            );
+            if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                return;
+            }
+            tx_done(&mut self.stats, &mut self.report, result, self.tx.len());
+            self.tx_backlog = None;
+            return_chain(&mut r.tx, &r.mem, head, 0, &self.report.name);
+            returned = true;
         }
-        loop {
-            if let Some(head) = self.tx_backlog {
-                // `tx` still describes that chain, which the guest does not
-                // have back yet.
-                let result = send(
-                    &mut self.backend,
-                    &self.tx,
-                    &r.mem,
-                    &mut self.iov,
-                    &mut self.tx_copy,
-                );
+        let (backend, frame, iov, copy) = (
+            &mut self.backend,
+            &mut self.tx,
+            &mut self.iov,
+            &mut self.tx_copy,
+        );
+        let (stats, report, backlog) = (&mut self.stats, &mut self.report, &mut self.tx_backlog);
+        let drained = drain_queue(
+            &mut r.tx,
+            &r.mem,
+            &r.interrupt,
+            Budget::chains(BUDGET),
+            |chain| {
+                let head = chain.head_index();
+                let parsed = chain::read_tx_chain(&r.mem, chain, frame)
+                    .and_then(|()| check_tx_header(frame.header(), frame.len(), r.features));
+                if let Err(e) = parsed {
+                    stats.tx_dropped += 1;
+                    report.guest(format_args!("TX chain {head} dropped: {e}"));
+                    return Handled::used(0);
+                }
+                let result = send(backend, frame, &r.mem, iov, copy);
                 if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    break;
+                    *backlog = Some(head);
+                    return Handled::Kept;
                 }
-                tx_done(&mut self.stats, &mut self.report, result, self.tx.len());
-                self.tx_backlog = None;
-                return_chain(&mut r.tx, &r.mem, head, 0, &self.report.name);
-                used = true;
-            }
-            if budget == 0 {
-                // More may be queued: come back after the other devices.
-                if let Err(e) = self.queue_events[TX_QUEUE].write(1) {
-                    log::debug!("{}: cannot re-arm TX: {e}", self.report.name);
-                }
-                break;
-            }
-            budget -= 1;
-            let chain = match r.tx.iter(&r.mem) {
-                Ok(mut chains) => chains.next(),
-                Err(e) => {
-                    // A bad avail index: nothing to do until the driver
-                    // notifies again (or resets).
-                    self.report.guest(format_args!("TX queue unusable: {e:?}"));
-                    break;
-                }
-            };
-            let Some(chain) = chain else {
-                // With EVENT_IDX, re-enabling reports whether more arrived.
-                match r.tx.enable_notification(&r.mem) {
-                    Ok(true) => {
-                        let _ = r.tx.disable_notification(&r.mem);
-                        continue;
-                    }
-                    Ok(false) => break,
-                    Err(e) => {
-                        log::debug!("{}: cannot enable TX notifications: {e}", self.report.name);
-                        break;
-                    }
-                }
-            };
-            let head = chain.head_index();
-            let parsed = chain::read_tx_chain(&r.mem, chain, &mut self.tx)
-                .and_then(|()| check_tx_header(self.tx.header(), self.tx.len(), r.features));
-            match parsed {
-                // Sent at the top of the loop.
-                Ok(()) => self.tx_backlog = Some(head),
-                Err(e) => {
-                    self.stats.tx_dropped += 1;
-                    self.report
-                        .guest(format_args!("TX chain {head} dropped: {e}"));
-                    return_chain(&mut r.tx, &r.mem, head, 0, &self.report.name);
-                    used = true;
-                }
-            }
+                tx_done(stats, report, result, frame.len());
+                Handled::used(0)
+            },
+        );
+        if drained.broken {
+            self.report.guest(format_args!(
+                "TX queue unusable: its avail index is out of range"
+            ));
         }
-        if used {
-            signal(&mut r.tx, &r.mem, &r.interrupt);
+        if returned && drained.used == 0 {
+            signal_used_if_needed(&mut r.tx, &r.mem, &r.interrupt);
+        }
+        if drained.more {
+            self.kick(TX_QUEUE);
         }
     }
 
@@ -553,7 +541,7 @@ impl<B: NetBackend> Net<B> {
             used = true;
         }
         if used && let Some(r) = self.running.as_mut() {
-            signal(&mut r.rx, &r.mem, &r.interrupt);
+            signal_used_if_needed(&mut r.rx, &r.mem, &r.interrupt);
         }
     }
 
@@ -766,14 +754,6 @@ fn tx_done(stats: &mut NetStats, report: &mut Reporter, result: io::Result<usize
 fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, name: &str) {
     if let Err(e) = queue.add_used(mem, head, len) {
         log::debug!("{name}: cannot return descriptor {head}: {e}");
-    }
-}
-
-/// Interrupts the driver if it wants to hear about used buffers.
-fn signal(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) | Err(_) => interrupt.signal_used(),
     }
 }
 

@@ -29,8 +29,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, Activation, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory, Interrupt,
-    TYPE_VSOCK, VirtioDevice, read_config_bytes,
+    ActivateError, Activation, Budget, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, GuestMemory,
+    Handled, Interrupt, TYPE_VSOCK, VirtioDevice, drain_queue, read_config_bytes, ring_is_broken,
+    signal_used_if_needed,
 };
 use host::{Connector, HostListener, HostSocketError, PathConnector};
 use muxer::{FIRST_CONN_TOKEN, Muxer, TOKEN_LISTENER};
@@ -189,57 +190,35 @@ impl Vsock {
         let Some(r) = &mut self.running else {
             return false;
         };
-        let (mem, queue) = (&r.mem, &mut r.queues[TX]);
-        let mut used = false;
-        let mut budget = TX_BUDGET;
         let mut mistakes = Vec::new();
-        let more = 'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                log::debug!("virtio-vsock: TX queue: {e}");
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                match read_tx_chain(chain, self.cid, &mut self.scratch) {
+        let (cid, scratch, muxer) = (self.cid, &mut self.scratch, &mut self.muxer);
+        let drained = drain_queue(
+            &mut r.queues[TX],
+            &r.mem,
+            &r.interrupt,
+            Budget::chains(TX_BUDGET),
+            |chain| {
+                match read_tx_chain(chain, cid, scratch) {
                     Ok(pkt) => {
-                        let payload = &self.scratch[..pkt.payload_len()];
-                        self.muxer.guest_packet(&pkt, payload, poller);
+                        let payload = &scratch[..pkt.payload_len()];
+                        muxer.guest_packet(&pkt, payload, poller);
                     }
                     Err((hdr, err)) => {
-                        self.muxer.guest_error(hdr.as_ref(), &err);
+                        muxer.guest_error(hdr.as_ref(), &err);
                         log::debug!("virtio-vsock: dropped a TX packet: {err}");
                         mistakes.push("dropped a malformed TX packet");
                     }
                 }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    log::debug!("virtio-vsock: cannot return TX descriptor {head}: {e}");
-                } else {
-                    used = true;
-                }
-                budget -= 1;
-                if budget == 0 {
-                    break 'outer true;
-                }
-            }
-            if ring_is_broken(queue, mem) {
-                mistakes.push("the TX avail index is more than a queue ahead");
-                break false;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break false,
-                Err(e) => {
-                    log::debug!("virtio-vsock: TX queue: {e}");
-                    break false;
-                }
-            }
-        };
-        if used {
-            notify(queue, mem, &r.interrupt);
+                Handled::used(0)
+            },
+        );
+        if drained.broken {
+            mistakes.push("the TX avail index is more than a queue ahead");
         }
         if let Some(what) = mistakes.first() {
             self.guest_mistake(format_args!("{what}"));
         }
-        more
+        drained.more
     }
 
     /// Fills RX buffers with what the muxer has for the guest; returns
@@ -293,7 +272,7 @@ impl Vsock {
             }
         }
         if used {
-            notify(queue, mem, &r.interrupt);
+            signal_used_if_needed(queue, mem, &r.interrupt);
         }
         more
     }
@@ -310,24 +289,6 @@ fn write_rx(writer: &mut virtio_queue::Writer<'_>, hdr: &Header, payload: &[u8])
             log::debug!("virtio-vsock: cannot write an RX packet: {e}");
             writer.bytes_written()
         }
-    }
-}
-
-/// Whether the driver's avail index is further ahead than the queue
-/// holds: then `pop_descriptor_chain` finds nothing, while re-enabling
-/// notifications keeps saying there is more (a loop that would never end).
-fn ring_is_broken(queue: &Queue, mem: &GuestMemory) -> bool {
-    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => (idx - std::num::Wrapping(queue.next_avail())).0 > queue.size(),
-        Err(_) => true,
-    }
-}
-
-/// Interrupts the driver if it wants to hear about used buffers.
-fn notify(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) | Err(_) => interrupt.signal_used(),
     }
 }
 
