@@ -130,7 +130,7 @@ fn memory_sizes() {
     );
     rejects(
         &["run", "--kernel", kernel(), "--memory", "2M"],
-        1,
+        2,
         "minimum is 4 MiB",
     );
     rejects(

@@ -8,7 +8,7 @@ use arch::bootinfo::{write_cmdline, write_pvh_start_info, write_zero_page, zero_
 use arch::cpuid::CpuidConfig;
 use arch::gdt::write_gdt;
 use arch::layout::CMDLINE_MAX_SIZE;
-use arch::mptable::{MAX_VCPUS, write_mptable};
+use arch::mptable::write_mptable;
 use arch::paging::write_identity_page_tables;
 use devices::virtio::vsock::VsockError;
 use devices::virtio::{self, net};
@@ -17,10 +17,10 @@ use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::config::{PvHypercalls, VmConfig, format_size};
+use crate::config::{VmConfig, format_size};
 use crate::device_manager::DeviceManager;
 use crate::exit::ExitState;
-use crate::host;
+use crate::host::{self, HostQuirks};
 use crate::loader::{self, KernelFormat, LoaderError};
 use crate::vcpu::{BootState, Vcpu, VcpuError};
 use crate::vm::{EventLoop, Vm, VmParts};
@@ -41,8 +41,8 @@ pub enum BuildError {
     },
     #[error("{0} vCPUs requested, but this host's KVM supports at most {1}")]
     TooManyVcpus(u8, usize),
-    #[error("{0} vCPUs requested, ligera supports at most {MAX_VCPUS}")]
-    VcpuLimit(u8),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("--memory {}: {source}", format_size(*.size))]
     Layout { size: u64, source: arch::Error },
     #[error("--memory {}: more than this host's {} of RAM", format_size(*.size), format_size(*.host))]
@@ -101,8 +101,15 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;
-    let boot = load_guest(config, &mem, &layout, &devices.virtio_mmio_windows())?;
-    let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot)?;
+    let quirks = HostQuirks::detect(config);
+    let boot = load_guest(
+        config,
+        &mem,
+        &layout,
+        &devices.virtio_mmio_windows(),
+        &quirks,
+    )?;
+    let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot, &quirks)?;
     log::debug!("VM built");
     Ok(Vm::new(VmParts {
         kvm,
@@ -116,11 +123,10 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     }))
 }
 
-/// Checks what can be checked before touching KVM; returns the memory layout.
+/// Checks the configuration's rules and what depends on this host, before
+/// touching KVM; returns the memory layout.
 fn check_config(config: &VmConfig) -> Result<GuestLayout> {
-    if u32::from(config.vcpus) > MAX_VCPUS || config.vcpus == 0 {
-        return Err(BuildError::VcpuLimit(config.vcpus));
-    }
+    config.validate()?;
     let layout = GuestLayout::new(config.mem_size).map_err(|source| BuildError::Layout {
         size: config.mem_size,
         source,
@@ -204,6 +210,7 @@ fn load_guest(
     mem: &arch::GuestMemoryMmap,
     layout: &GuestLayout,
     device_cmdline: &[(u64, u32)],
+    quirks: &HostQuirks,
 ) -> Result<BootState> {
     let kernel = loader::load_kernel(mem, layout, &config.kernel)?;
     log::info!(
@@ -217,7 +224,7 @@ fn load_guest(
         Some(path) => Some(loader::load_initrd(mem, layout, path, &kernel)?),
         None => None,
     };
-    let cmdline = kernel_cmdline(config, device_cmdline)?;
+    let cmdline = kernel_cmdline(config, device_cmdline, quirks.guest_cmdline())?;
     let cmdline_max = kernel
         .setup_header
         .map_or(CMDLINE_MAX_SIZE, |h| h.cmdline_size as usize + 1);
@@ -244,6 +251,7 @@ fn load_guest(
 }
 
 /// Creates and configures every vCPU; vCPU 0 starts at the kernel entry.
+#[allow(clippy::too_many_arguments)]
 fn create_vcpus(
     config: &VmConfig,
     kvm: &Kvm,
@@ -252,12 +260,9 @@ fn create_vcpus(
     devices: &DeviceManager,
     exit: &Arc<ExitState>,
     boot: &BootState,
+    quirks: &HostQuirks,
 ) -> Result<Vec<Vcpu>> {
-    let pv_hypercalls = match config.pv_hypercalls {
-        PvHypercalls::On => true,
-        PvHypercalls::Off => false,
-        PvHypercalls::Auto => !host::is_emulating_nested_host(),
-    };
+    let pv_hypercalls = quirks.pv_hypercalls();
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report the supported CPUID"))?;
@@ -289,7 +294,11 @@ fn create_vcpus(
 /// Whatever follows the first ` -- ` outside double quotes is init's
 /// arguments: it stays last, unchanged and in order, as Linux hands
 /// everything after `--` to init instead of parsing it.
-fn kernel_cmdline(config: &VmConfig, virtio_mmio: &[(u64, u32)]) -> Result<String> {
+fn kernel_cmdline(
+    config: &VmConfig,
+    virtio_mmio: &[(u64, u32)],
+    host_workarounds: Option<&str>,
+) -> Result<String> {
     let bad = |e: linux_loader::cmdline::Error| BuildError::Cmdline(e.to_string());
     // Spaces around the text make a leading `-- ` or trailing ` --` count as
     // the separator too. The length limit is checked when the line is
@@ -301,11 +310,8 @@ fn kernel_cmdline(config: &VmConfig, virtio_mmio: &[(u64, u32)]) -> Result<Strin
             .add_virtio_mmio_device(virtio::mmio::WINDOW_SIZE, GuestAddress(base), gsi, None)
             .map_err(bad)?;
     }
-    if config.host_quirks && host::is_emulating_nested_host() {
-        log::info!("nested kvm_pvm host: adding guest workarounds to the command line");
-        cmdline
-            .insert_str(host::EMULATING_HOST_CMDLINE)
-            .map_err(bad)?;
+    if let Some(workarounds) = host_workarounds {
+        cmdline.insert_str(workarounds).map_err(bad)?;
     }
     let text = cmdline.as_cstring().map_err(|e| match e {
         linux_loader::cmdline::Error::NoBootArgsInserted => BuildError::Cmdline(
@@ -367,7 +373,7 @@ mod tests {
             host_quirks: false,
             ..VmConfig::new("k".into())
         };
-        kernel_cmdline(&config, devices)
+        kernel_cmdline(&config, devices, None)
     }
 
     const DEV: &str = "virtio_mmio.device=4K@0xd0000000:5";

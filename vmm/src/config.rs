@@ -1,10 +1,17 @@
-//! What a VM is made of, as the command line (or later an API) describes it.
+//! What a VM is made of, as the command line (or an API) describes it.
 //! One `VmConfig` travels from the CLI to the builder; nothing else carries
-//! configuration.
+//! configuration. Every rule about the values lives here, in
+//! [`VmConfig::validate`]: the CLI only parses syntax, and the APIs to come
+//! deserialize the same types (they derive `serde`) and validate the same way.
+//! What can only be checked on the host (its RAM, KVM's vCPU limit, whether
+//! files exist) is checked by the builder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use arch::layout::{GIB, KIB, MIB};
+use arch::mptable::MAX_VCPUS;
+use devices::virtio::net::format_mac;
+use serde::{Deserialize, Serialize};
 
 /// The kernel command line ligera uses when none is given: console on COM1,
 /// reboot through the keyboard controller (which ends ligera), reboot one
@@ -18,7 +25,8 @@ pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY: u64 = 256 * MIB;
 
 /// Where the guest's serial console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SerialConfig {
     /// Output to stdout, input from stdin (raw mode on a terminal).
     Stdio,
@@ -29,7 +37,8 @@ pub enum SerialConfig {
 }
 
 /// Whether to offer KVM paravirtual features that need hypercalls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PvHypercalls {
     /// On, unless the host is known not to complete hypercalls.
     Auto,
@@ -38,7 +47,8 @@ pub enum PvHypercalls {
 }
 
 /// A raw disk image (`--disk`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -47,21 +57,24 @@ pub struct DiskConfig {
 }
 
 /// A network interface backed by a TAP device (`--net`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
 }
 
 /// A vsock device with a hybrid-vsock Unix socket on the host (`--vsock`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     pub cid: u32,
     pub socket: PathBuf,
 }
 
 /// Everything needed to build and run one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -81,7 +94,139 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
+/// A configuration value that breaks a rule. The message names the
+/// command-line flag, as that is how users give it today.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn bad(flag: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError {
+        flag,
+        problem: problem.into(),
+    })
+}
+
+/// Longest path a Unix socket address holds (sun_path less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+/// Longest interface name (IFNAMSIZ less its NUL).
+pub const MAX_TAP_NAME: usize = 15;
+/// Longest disk ID: the guest reads it as a 20-byte serial (VIRTIO_BLK_T_GET_ID).
+pub const MAX_DISK_ID: usize = 20;
+/// vsock CIDs 0, 1 and 2 are the hypervisor, loopback and host; u32::MAX is "any".
+pub const MIN_GUEST_CID: u32 = 3;
+
 impl VmConfig {
+    /// Checks every rule a configuration must follow, before anything is
+    /// built; the first broken one is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || u32::from(self.vcpus) > MAX_VCPUS {
+            return bad(
+                "--cpus",
+                format!("{} is not between 1 and {MAX_VCPUS}", self.vcpus),
+            );
+        }
+        if let Err(e) = arch::GuestLayout::new(self.mem_size) {
+            return bad("--memory", format!("{}: {e}", format_size(self.mem_size)));
+        }
+        if let Err(e) =
+            linux_loader::cmdline::Cmdline::try_from(&format!(" {} ", self.cmdline), usize::MAX)
+        {
+            return bad("--cmdline", e.to_string());
+        }
+        for path in [Some(&self.kernel), self.initrd.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if path.as_os_str().is_empty() {
+                return bad(
+                    if Some(path) == self.initrd.as_ref() {
+                        "--initrd"
+                    } else {
+                        "--kernel"
+                    },
+                    "the path is empty",
+                );
+            }
+        }
+        if let SerialConfig::File(path) = &self.serial
+            && path.as_os_str().is_empty()
+        {
+            return bad("--serial", "file= needs a path");
+        }
+        for disk in &self.disks {
+            if disk.path.as_os_str().is_empty() {
+                return bad("--disk", "path= is empty");
+            }
+            if let Some(id) = &disk.id
+                && (id.len() > MAX_DISK_ID || !id.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return bad(
+                    "--disk",
+                    format!("id '{id}' must be 1 to {MAX_DISK_ID} printable ASCII characters"),
+                );
+            }
+        }
+        for (i, nic) in self.nets.iter().enumerate() {
+            let t = &nic.tap;
+            if t.is_empty()
+                || t.len() > MAX_TAP_NAME
+                || t == "."
+                || t == ".."
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+            {
+                return bad(
+                    "--net",
+                    format!(
+                        "tap name '{t}' must be 1 to {MAX_TAP_NAME} printable characters without '/' or ':'"
+                    ),
+                );
+            }
+            if self.nets[..i].iter().any(|other| &other.tap == t) {
+                return bad("--net", format!("tap {t} is given twice"));
+            }
+            if let Some(mac) = nic.mac {
+                if mac[0] & 1 != 0 {
+                    return bad(
+                        "--net",
+                        format!("{} is a multicast address", format_mac(&mac)),
+                    );
+                }
+                if mac == [0; 6] {
+                    return bad("--net", "the MAC address 00:00:00:00:00:00 is not usable");
+                }
+                if self.nets[..i].iter().any(|other| other.mac == Some(mac)) {
+                    return bad(
+                        "--net",
+                        format!("MAC address {} is given twice", format_mac(&mac)),
+                    );
+                }
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < MIN_GUEST_CID || v.cid == u32::MAX {
+                return bad(
+                    "--vsock",
+                    format!(
+                        "cid {} is reserved: use {MIN_GUEST_CID} to {}",
+                        v.cid,
+                        u32::MAX - 1
+                    ),
+                );
+            }
+            check_socket_path("--vsock", &v.socket)?;
+        }
+        if let Some(path) = &self.api_socket {
+            check_socket_path("--api-sock", path)?;
+        }
+        Ok(())
+    }
+
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: PathBuf) -> Self {
         VmConfig {
@@ -100,6 +245,24 @@ impl VmConfig {
             api_socket: None,
         }
     }
+}
+
+fn check_socket_path(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if len == 0 {
+        return bad(flag, "the socket path is empty");
+    }
+    if len > MAX_SOCKET_PATH {
+        return bad(
+            flag,
+            format!(
+                "socket path {} is {len} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                path.display()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Parses a memory size: `512M`, `2G`, `1024K`, `1T`, or a plain number of MiB.
@@ -148,6 +311,115 @@ pub fn format_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with(f: impl FnOnce(&mut VmConfig)) -> Result<(), ConfigError> {
+        let mut c = VmConfig::new("k".into());
+        f(&mut c);
+        c.validate()
+    }
+
+    #[test]
+    fn rules() {
+        assert_eq!(with(|_| {}), Ok(()));
+        let disk = |id: &str| DiskConfig {
+            path: "a.img".into(),
+            readonly: false,
+            id: Some(id.into()),
+        };
+        let nic = |tap: &str, mac: Option<[u8; 6]>| NetConfig {
+            tap: tap.into(),
+            mac,
+        };
+        let vsock = |cid: u32, socket: &str| VsockConfig {
+            cid,
+            socket: socket.into(),
+        };
+        let long = "/tmp/".to_string() + &"s".repeat(120);
+        type Change = Box<dyn FnOnce(&mut VmConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("--cpus", Box::new(|c| c.vcpus = 0)),
+            ("--cpus", Box::new(|c| c.vcpus = 33)),
+            ("--memory", Box::new(|c| c.mem_size = 2 * MIB)),
+            ("--memory", Box::new(|c| c.mem_size = 5 * MIB + 1)),
+            ("--kernel", Box::new(|c| c.kernel = PathBuf::new())),
+            (
+                "--serial",
+                Box::new(|c| c.serial = SerialConfig::File(PathBuf::new())),
+            ),
+            (
+                "--disk",
+                Box::new(move |c| c.disks = vec![disk("123456789012345678901")]),
+            ),
+            ("--disk", Box::new(move |c| c.disks = vec![disk("a b")])),
+            (
+                "--net",
+                Box::new(move |c| c.nets = vec![nic("abcdefghijklmnop", None)]),
+            ),
+            ("--net", Box::new(move |c| c.nets = vec![nic("a/b", None)])),
+            ("--net", Box::new(move |c| c.nets = vec![nic("", None)])),
+            (
+                "--net",
+                Box::new(move |c| c.nets = vec![nic("t", Some([1, 0, 0, 0, 0, 1]))]),
+            ),
+            (
+                "--net",
+                Box::new(move |c| c.nets = vec![nic("t", Some([0; 6]))]),
+            ),
+            (
+                "--net",
+                Box::new(move |c| c.nets = vec![nic("t", None), nic("t", None)]),
+            ),
+            (
+                "--net",
+                Box::new(move |c| {
+                    c.nets = vec![
+                        nic("a", Some([2, 0, 0, 0, 0, 1])),
+                        nic("b", Some([2, 0, 0, 0, 0, 1])),
+                    ]
+                }),
+            ),
+            (
+                "--vsock",
+                Box::new(move |c| c.vsock = Some(vsock(2, "/tmp/v"))),
+            ),
+            (
+                "--vsock",
+                Box::new(move |c| c.vsock = Some(vsock(u32::MAX, "/tmp/v"))),
+            ),
+            ("--vsock", Box::new(move |c| c.vsock = Some(vsock(3, "")))),
+            (
+                "--api-sock",
+                Box::new(move |c| c.api_socket = Some(long.into())),
+            ),
+        ];
+        for (flag, f) in cases {
+            let err = with(f).expect_err(flag);
+            assert_eq!(err.flag, flag, "{err}");
+        }
+        assert_eq!(
+            with(|c| {
+                c.vcpus = 32;
+                c.nets = vec![nic("tap0", Some([2, 0, 0, 0, 0, 1]))];
+                c.vsock = Some(vsock(3, "/tmp/v.sock"));
+                c.cmdline = "a -- b".into();
+            }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let mut c = VmConfig::new("vmlinux".into());
+        c.disks.push(DiskConfig {
+            path: "a.img".into(),
+            readonly: true,
+            id: None,
+        });
+        c.serial = SerialConfig::File("log".into());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        assert!(serde_json::from_str::<VmConfig>(&json.replace("\"vcpus\"", "\"cpus\"")).is_err());
+    }
 
     #[test]
     fn sizes() {

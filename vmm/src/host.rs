@@ -1,6 +1,51 @@
-//! Facts about the host that change how a VM is set up.
+//! Facts about the host that change how a VM is set up, and the one place
+//! that decides what to do about them ([`HostQuirks`]).
 
 use std::path::Path;
+
+use crate::config::{PvHypercalls, VmConfig};
+
+/// What this host makes ligera do differently, decided once per VM from
+/// the host and the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostQuirks {
+    /// Offer KVM's hypercall-based paravirtual features.
+    pv_hypercalls: bool,
+    /// Add [`EMULATING_HOST_CMDLINE`] to the guest's command line.
+    guest_workarounds: bool,
+}
+
+impl HostQuirks {
+    /// Looks at the host (the nested `kvm_pvm` module) and applies the
+    /// configuration's choices (`--pv-hypercalls`, `--no-host-quirks`).
+    pub fn detect(config: &VmConfig) -> Self {
+        Self::decide(config, is_emulating_nested_host())
+    }
+
+    fn decide(config: &VmConfig, emulating_nested: bool) -> Self {
+        let quirks = HostQuirks {
+            pv_hypercalls: match config.pv_hypercalls {
+                PvHypercalls::On => true,
+                PvHypercalls::Off => false,
+                PvHypercalls::Auto => !emulating_nested,
+            },
+            guest_workarounds: config.host_quirks && emulating_nested,
+        };
+        if emulating_nested {
+            log::info!("nested kvm_pvm host: {quirks:?}");
+        }
+        quirks
+    }
+
+    pub fn pv_hypercalls(&self) -> bool {
+        self.pv_hypercalls
+    }
+
+    /// Kernel parameters the guest needs on this host, if any.
+    pub fn guest_cmdline(&self) -> Option<&'static str> {
+        self.guest_workarounds.then_some(EMULATING_HOST_CMDLINE)
+    }
+}
 
 /// Guest kernel parameters that a guest needs on a nested `kvm_pvm` host,
 /// whose instruction emulator rejects XSAVE, POPCNT and other post-2008
@@ -32,6 +77,22 @@ pub fn host_ram() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_decision_per_host_and_config() {
+        let mut c = VmConfig::new("k".into());
+        let nested = HostQuirks::decide(&c, true);
+        assert!(!nested.pv_hypercalls());
+        assert_eq!(nested.guest_cmdline(), Some(EMULATING_HOST_CMDLINE));
+        let plain = HostQuirks::decide(&c, false);
+        assert!(plain.pv_hypercalls());
+        assert_eq!(plain.guest_cmdline(), None);
+        c.pv_hypercalls = PvHypercalls::On;
+        c.host_quirks = false;
+        let forced = HostQuirks::decide(&c, true);
+        assert!(forced.pv_hypercalls());
+        assert_eq!(forced.guest_cmdline(), None);
+    }
 
     #[test]
     fn host_ram_is_plausible() {

@@ -24,6 +24,10 @@ fn run() -> i32 {
     match cli.command {
         Command::Run(args) => {
             let config = args.into_config();
+            if let Err(e) = config.validate() {
+                eprintln!("ligera: error: {e} (see 'ligera run --help')");
+                return EXIT_USAGE;
+            }
             log::info!("starting: {}", vmm::cli::describe(&config));
             let mut vm = match builder::build(&config) {
                 Ok(vm) => vm,
