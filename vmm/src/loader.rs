@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 use arch::GuestLayout;
 use arch::layout::HIMEM_START;
 use arch::regs::EntryPoint;
+use linux_loader::elf::{
+    EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, EM_X86_64, Elf64_Ehdr, Elf64_Phdr, PT_LOAD,
+};
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::config::format_size;
 
@@ -128,21 +131,22 @@ pub fn load_kernel(
             path: path.to_path_buf(),
         });
     }
-    let mut head = [0u8; 0x260];
-    let n = read_up_to(&mut file, &mut head).map_err(|source| LoaderError::Read {
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut file, &mut magic).map_err(|source| LoaderError::Read {
         kind: "kernel",
         path: path.to_path_buf(),
         source,
     })?;
-    let head = &head[..n];
-    if head.starts_with(b"\x7fELF") {
-        load_elf(mem, layout, path, &mut file, len)
-    } else if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
-        load_bzimage(mem, layout, path, &mut file, len)
-    } else {
-        Err(LoaderError::UnknownFormat {
+    if magic[..n] == *b"\x7fELF" {
+        return load_elf(mem, layout, path, &mut file, len);
+    }
+    match read_header::<setup_header>(&mut file, SETUP_HEADER_OFFSET) {
+        Ok(header) if header.header == BZIMAGE_MAGIC => {
+            load_bzimage(mem, layout, path, &mut file, len)
+        }
+        _ => Err(LoaderError::UnknownFormat {
             path: path.to_path_buf(),
-        })
+        }),
     }
 }
 
@@ -157,72 +161,67 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(total)
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap_or_default())
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or_default())
+/// Reads a plain-data header (one of linux-loader's boot-protocol or ELF
+/// structures) from `offset` of `file`.
+fn read_header<T: ByteValued + Default>(file: &mut File, offset: u64) -> std::io::Result<T> {
+    let mut header = T::default();
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(header.as_mut_slice())?;
+    Ok(header)
 }
 
-/// Checks the ELF header and every loadable segment before loading.
+/// Checks what linux-loader's ELF loader does not (64-bit class, x86-64,
+/// segments inside the file and inside guest RAM above 1 MiB) before loading.
 fn check_elf(layout: &GuestLayout, file: &mut File, len: u64) -> std::result::Result<(), String> {
-    const EHDR_LEN: usize = 64;
-    const PHDR_LEN: usize = 56;
-    const PT_LOAD: u32 = 1;
-    let mut ehdr = [0u8; EHDR_LEN];
-    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    if read_up_to(file, &mut ehdr).map_err(|e| e.to_string())? < EHDR_LEN {
-        return Err("the ELF header is truncated".into());
-    }
-    if ehdr[4] != 2 {
+    let ehdr: Elf64_Ehdr =
+        read_header(file, 0).map_err(|_| "the ELF header is truncated".to_string())?;
+    if ehdr.e_ident[EI_CLASS] != ELFCLASS64 {
         return Err("it is a 32-bit ELF file; ligera boots 64-bit x86 kernels".into());
     }
-    if ehdr[5] != 1 {
+    if ehdr.e_ident[EI_DATA] != ELFDATA2LSB {
         return Err("it is a big-endian ELF file".into());
     }
-    let machine = u16_at(&ehdr, 18);
-    if machine != 62 {
-        return Err(format!("its ELF machine is {machine}, not x86-64 (62)"));
+    if ehdr.e_machine != EM_X86_64 {
+        return Err(format!(
+            "its ELF machine is {}, not x86-64 ({EM_X86_64})",
+            ehdr.e_machine
+        ));
     }
-    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
-    if usize::from(phentsize) != PHDR_LEN || phnum == 0 {
+    let phdr_len = std::mem::size_of::<Elf64_Phdr>() as u64;
+    if u64::from(ehdr.e_phentsize) != phdr_len || ehdr.e_phnum == 0 {
         return Err("it has no valid program headers".into());
     }
-    let table_end = phoff.checked_add(u64::from(phnum) * PHDR_LEN as u64);
+    let table_end = ehdr.e_phoff.checked_add(u64::from(ehdr.e_phnum) * phdr_len);
     if table_end.is_none_or(|end| end > len) {
         return Err("its program headers lie beyond the end of the file".into());
     }
     let mut loads = 0;
-    for i in 0..u64::from(phnum) {
-        let mut ph = [0u8; PHDR_LEN];
-        file.seek(SeekFrom::Start(phoff + i * PHDR_LEN as u64))
-            .map_err(|e| e.to_string())?;
-        file.read_exact(&mut ph).map_err(|e| e.to_string())?;
-        let (kind, offset, paddr, filesz, memsz) = (
-            u32_at(&ph, 0),
-            u64_at(&ph, 8),
-            u64_at(&ph, 24),
-            u64_at(&ph, 32),
-            u64_at(&ph, 40),
-        );
-        if kind != PT_LOAD || filesz == 0 {
+    for i in 0..u64::from(ehdr.e_phnum) {
+        let ph: Elf64_Phdr =
+            read_header(file, ehdr.e_phoff + i * phdr_len).map_err(|e| e.to_string())?;
+        if ph.p_type != PT_LOAD || ph.p_filesz == 0 {
             continue;
         }
         loads += 1;
-        if offset.checked_add(filesz).is_none_or(|end| end > len) || filesz > memsz {
+        if ph
+            .p_offset
+            .checked_add(ph.p_filesz)
+            .is_none_or(|end| end > len)
+            || ph.p_filesz > ph.p_memsz
+        {
             return Err(format!("segment {i} is truncated or malformed"));
         }
-        if paddr < HIMEM_START {
+        if ph.p_paddr < HIMEM_START {
             return Err(format!(
-                "segment {i} loads at {paddr:#x}, below 1 MiB where ligera keeps boot data"
+                "segment {i} loads at {:#x}, below 1 MiB where ligera keeps boot data",
+                ph.p_paddr
             ));
         }
-        if !layout.is_ram(paddr, memsz) {
+        if !layout.is_ram(ph.p_paddr, ph.p_memsz) {
             return Err(format!(
-                "segment {i} at {paddr:#x}+{memsz:#x} lies outside the {} of guest RAM (raise --memory)",
+                "segment {i} at {:#x}+{:#x} lies outside the {} of guest RAM (raise --memory)",
+                ph.p_paddr,
+                ph.p_memsz,
                 format_size(layout.mem_size())
             ));
         }
@@ -265,6 +264,9 @@ fn load_elf(
 }
 
 const XLF_KERNEL_64: u16 = 1 << 0;
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+/// "HdrS": a setup header that follows the Linux boot protocol.
+const BZIMAGE_MAGIC: u32 = u32::from_le_bytes(*b"HdrS");
 
 fn load_bzimage(
     mem: &arch::GuestMemoryMmap,
@@ -277,11 +279,10 @@ fn load_bzimage(
         path: path.to_path_buf(),
         why,
     };
-    let mut raw = [0u8; 0x270];
-    file.seek(SeekFrom::Start(0))
-        .and_then(|_| file.read_exact(&mut raw))
+    // The setup header sits at 0x1f1 in the boot sector (boot protocol §1).
+    let header: setup_header = read_header(file, SETUP_HEADER_OFFSET)
         .map_err(|e| bad(format!("cannot read its setup header: {e}")))?;
-    let version = u16_at(&raw, 0x206);
+    let version = header.version;
     if version < 0x20c {
         return Err(bad(format!(
             "boot protocol {}.{:02} is too old: the 64-bit entry needs 2.12",
@@ -289,18 +290,18 @@ fn load_bzimage(
             version & 0xff
         )));
     }
-    if u16_at(&raw, 0x236) & XLF_KERNEL_64 == 0 {
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(bad("it has no 64-bit entry point".into()));
     }
-    let setup_sects = u64::from(raw[0x1f1].max(4));
+    let setup_sects = u64::from(header.setup_sects.max(4));
     let setup_len = (setup_sects + 1) * 512;
     if setup_len >= len {
         return Err(bad("it is truncated: no kernel after the setup code".into()));
     }
     // The kernel is loaded at 1 MiB and unpacks itself to its preferred
     // address; all of that must be RAM.
-    let pref_address = u64_at(&raw, 0x258);
-    let init_size = u64::from(u32_at(&raw, 0x260));
+    let pref_address = header.pref_address;
+    let init_size = u64::from(header.init_size);
     let end = (HIMEM_START + (len - setup_len)).max(pref_address.saturating_add(init_size));
     if end > layout.low_ram_end() {
         return Err(LoaderError::KernelTooBig {

@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use super::{HDR_LEN, NetBackend};
 
@@ -95,7 +96,7 @@ impl Tap {
         }
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -115,7 +116,7 @@ impl Tap {
         };
         let hdr_len = HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
-        let ret = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        let ret = unsafe { ioctl_with_ref(&tap.file, libc::TUNSETVNETHDRSZ, &hdr_len) };
         if ret < 0 {
             return Err(tap.ioctl_error("set the virtio-net header size"));
         }
@@ -142,13 +143,8 @@ impl Tap {
     /// with none, the kernel hands over only complete, checksummed frames.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let ret = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                libc::TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
+        let ret =
+            unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
