@@ -5,7 +5,8 @@
  * suite to check against what it asked ligera for. The kernel command line
  * picks the test: "test=report" (default), "test=echo", "test=panic",
  * "test=triplefault", "test=badfetch", "test=hang", "test=touch touch_mib=N",
- * "test=count" (counts for ever, echoing i8042 keyboard bytes)
+ * "test=count" (counts for ever, echoing i8042 keyboard bytes), "test=busydisk"
+ * (synchronous disk writes all the time while echoing vsock bytes)
  * (write to N MiB of RAM), "test=virtio" (every
  * virtio device on the command line), "test=hostile" (a misbehaving driver
  * against the first virtio device).
@@ -485,6 +486,10 @@ void guest_main(u64 boot_info, u64 kind)
 		for (u64 a = 16ULL << 20; a < (16ULL + n) << 20; a += 4096)
 			*(volatile u8 *)a = 1;
 		say("TOUCHED mib=%x\n", n);
+	} else if (starts_with(test, "busydisk")) {
+		struct vdev devs[2];
+		if (virtio_find(cmdline, devs, 2) == 2)
+			virtio_busydisk(&devs[0], &devs[1]);
 	} else if (starts_with(test, "blkflush")) {
 		struct vdev dev;
 		if (virtio_find(cmdline, &dev, 1) == 1)

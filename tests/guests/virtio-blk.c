@@ -175,3 +175,65 @@ void virtio_blkflush(struct vdev *d)
 	for (;;)
 		__asm__ volatile("pause");
 }
+
+/* ---- test=busydisk ------------------------------------------------------------ */
+
+/* Writes of BUSY_LEN bytes go to the disk in batches of BUSY_INFLIGHT, a new
+ * batch as soon as the last one is done; without VIRTIO_BLK_F_FLUSH each
+ * write is synced before it completes, so the host's block I/O has long
+ * stretches of work for as long as the vsock echo runs. */
+#define BUSY_INFLIGHT 16 /* vq_submit takes 4 descriptors a chain: 64 entries */
+#define BUSY_LEN (1024 * 1024)
+#define BUSY_SLOTS 4000 /* the image holds this many writes */
+
+static u8 busy_data[BUSY_LEN] __attribute__((aligned(4096)));
+static struct blk_hdr busy_hdr[BUSY_INFLIGHT];
+static volatile u8 busy_status[BUSY_INFLIGHT];
+static struct vdev *busy_blk;
+static u64 busy_submitted, busy_done, busy_errors;
+
+static void busy_refill(void)
+{
+	struct vq *q = &busy_blk->queues[0];
+	while (busy_done < busy_submitted && vq_wait(q, 0, 1)) {
+		if (busy_status[busy_done % BUSY_INFLIGHT] != 0)
+			busy_errors++;
+		busy_done++;
+	}
+	if (busy_done < busy_submitted)
+		return; /* the batch is still being written */
+	while (busy_submitted - busy_done < BUSY_INFLIGHT) {
+		u32 i = (u32)(busy_submitted % BUSY_INFLIGHT);
+		busy_hdr[i].type = BLK_T_OUT;
+		busy_hdr[i].reserved = 0;
+		/* Fresh blocks each time (the image is sparse): allocation makes
+		 * every synced write cost the host more. */
+		busy_hdr[i].sector = (busy_submitted % BUSY_SLOTS) * (BUSY_LEN / 512);
+		busy_status[i] = 0xee;
+		struct vbuf bufs[3] = {{&busy_hdr[i], sizeof(busy_hdr[i]), 0},
+				       {busy_data, BUSY_LEN, 0},
+				       {(void *)&busy_status[i], 1, 1}};
+		vq_submit(busy_blk, q, bufs, 3);
+		busy_submitted++;
+	}
+}
+
+void virtio_busydisk(struct vdev *blk, struct vdev *vs)
+{
+	if (blk->id != VIRTIO_ID_BLOCK || vs->id != VIRTIO_ID_VSOCK ||
+	    virtio_negotiate(blk, VIRTIO_F_VERSION_1) || virtio_queue(blk, 0, 64)) {
+		say("BUSY setup=failed\n");
+		return;
+	}
+	virtio_ready(blk);
+	for (u32 i = 0; i < BUSY_LEN; i++)
+		busy_data[i] = blk_pattern(i);
+	busy_blk = blk;
+	/* The disk is working before vsock starts. */
+	while (busy_done < 2 * BUSY_INFLIGHT)
+		busy_refill();
+	u64 before = busy_done;
+	say("BUSY running blk_done=%x\n", before);
+	virtio_vsock_echo(vs, busy_refill);
+	say("BUSY-DONE blk_done=%x blk_errors=%x\n", busy_done - before, busy_errors);
+}

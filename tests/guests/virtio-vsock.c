@@ -68,6 +68,8 @@ static u8 tx_data[1024];
 static u8 out_echo[VS_OUT_LEN];
 static u8 in_data[VS_IN_MAX];
 static u64 credit_updates, credit_violations;
+/* Called while waiting for packets (test=busydisk keeps a disk busy). */
+static void (*vs_idle)(void);
 
 static void rx_post(struct vdev *d, u8 *buf)
 {
@@ -109,6 +111,8 @@ static int vs_recv(struct vdev *d, struct vs_hdr *h, u8 *data, u32 max, u64 spin
 	volatile u16 *used_idx = (volatile u16 *)(q->used + 2);
 	for (u64 i = 0; i < spins; i++) {
 		if (*used_idx == q->last_used) {
+			if (vs_idle)
+				vs_idle();
 			__asm__ volatile("pause");
 			continue;
 		}
@@ -303,6 +307,23 @@ static void vs_host_to_guest(struct vdev *d)
 	}
 	say("VIRTIO-VSOCK in refused=%x accepted=%x in_bytes=%x in_fnv=%x echoed=%x host_done=%x rst=%x\n", refused,
 	    accepted, (u64)got, fnv, (u64)echoed, (u64)host_done, (u64)rst);
+}
+
+/* Sets the device up and serves (b) only, calling `idle` while waiting. */
+void virtio_vsock_echo(struct vdev *d, void (*idle)(void))
+{
+	if (virtio_negotiate(d, VIRTIO_F_VERSION_1) || virtio_queue(d, 0, RX_QSIZE) || virtio_queue(d, 1, 16) ||
+	    virtio_queue(d, 2, 16)) {
+		say("VIRTIO-VSOCK setup=failed\n");
+		return;
+	}
+	vs_cid = (u64)vread32(d, VMMIO_CONFIG) | ((u64)vread32(d, VMMIO_CONFIG + 4) << 32);
+	for (int i = 0; i < RX_BUFS; i++)
+		rx_post(d, rx_bufs[i]);
+	virtio_ready(d);
+	vs_idle = idle;
+	vs_host_to_guest(d);
+	vs_idle = 0;
 }
 
 void virtio_test_vsock(struct vdev *d)

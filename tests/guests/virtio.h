@@ -116,5 +116,9 @@ void virtio_test_block(struct vdev *d);
 /* test=blkflush: write, flush, report the acknowledgement, hang. */
 void virtio_blkflush(struct vdev *d) __attribute__((noreturn));
 void virtio_test_net(struct vdev *d);
+/* Serves host-to-guest vsock echo only, calling `idle` while waiting. */
+void virtio_vsock_echo(struct vdev *d, void (*idle)(void));
+/* test=busydisk: the disk `blk` kept busy while vsock `vs` echoes. */
+void virtio_busydisk(struct vdev *blk, struct vdev *vs);
 
 #endif
