@@ -52,10 +52,11 @@ def build_spawn(out_dir):
     return path
 
 
-def timed_run(spawn, cmd):
+def timed_run(spawn, cmd, env=None):
     """Runs cmd to completion; returns (wall s, cpu s, peak RSS KiB, status)."""
     res = subprocess.run([spawn, *cmd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         env=None if env is None else {**os.environ, **env})
     wall, cpu, rss, status = res.stderr.strip().splitlines()[-1].split()
     return float(wall), float(cpu), int(rss), int(status)
 
@@ -136,6 +137,10 @@ def main():
     ap.add_argument("--kernel", help="vmlinux for --linux (default: resources/build-guest-kernel.sh)")
     ap.add_argument("--initrd", help="initramfs for --linux (default: resources/build-initramfs.sh)")
     ap.add_argument("--linux-runs", type=int, default=5)
+    ap.add_argument("--baseline", help="another ligera binary (e.g. the previous commit's) to run "
+                    "side by side on the tiny guest")
+    ap.add_argument("--teardown", action="store_true",
+                    help="also run ligera with LIGERA_INLINE_TEARDOWN=1 (no teardown child)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="ligera-bench-")
@@ -146,39 +151,55 @@ def main():
     ligera_cmd = [args.ligera, "run", "--kernel", tiny, "--memory", f"{mem}M"]
     qemu_cmd = QEMU_MICROVM + ["-cpu", QEMU_CPU, "-m", str(mem), "-smp", "1", "-kernel", tiny]
 
-    results = {"ligera": [], "qemu": []}
-    for _ in range(args.runs):
-        for name, cmd in (("ligera", ligera_cmd), ("qemu", qemu_cmd)):
-            wall, cpu, rss, status = timed_run(spawn, cmd)
-            if name == "ligera" and status != 0:
-                sys.exit(f"ligera exited with {status} on the tiny guest")
+    runners = [("ligera", ligera_cmd, None), ("qemu", qemu_cmd, None)]
+    if args.baseline:
+        runners.append(("baseline", [args.baseline, *ligera_cmd[1:]], None))
+    if args.teardown:
+        runners.append(("ligera-inline-teardown", ligera_cmd, {"LIGERA_INLINE_TEARDOWN": "1"}))
+    results = {name: [] for name, _, _ in runners}
+    for i in range(args.runs):
+        print(f"\rrun {i + 1}/{args.runs}", end="", file=sys.stderr, flush=True)
+        for name, cmd, env in runners:
+            wall, cpu, rss, status = timed_run(spawn, cmd, env)
+            if name != "qemu" and status != 0:
+                sys.exit(f"{name} exited with {status} on the tiny guest")
             results[name].append((wall, cpu, rss))
+    print(file=sys.stderr)
 
     print(f"Tiny guest (write one byte to COM1, reset), {mem} MiB, {args.runs} interleaved runs each:")
-    print(f"{'VMM':<8} {'wall ms':>9} {'CPU ms':>9} {'peak RSS MiB':>13}")
+    print(f"{'VMM':<24} {'wall ms':>9} {'CPU ms':>9} {'peak RSS MiB':>13}")
     summary = {}
     for name, rows in results.items():
         wall = median_ms([r[0] for r in rows])
         cpu = median_ms([r[1] for r in rows])
         rss = statistics.median([r[2] for r in rows]) / 1024
         summary[name] = (wall, cpu, rss)
-        print(f"{name:<8} {wall:9.1f} {cpu:9.1f} {rss:13.1f}")
+        print(f"{name:<24} {wall:9.2f} {cpu:9.2f} {rss:13.2f}")
     lw, lc, lr = summary["ligera"]
     qw, qc, qr = summary["qemu"]
     print(f"ratio ligera/qemu: wall {lw / qw:.2f}x (target <= 0.25x), CPU {lc / qc:.2f}x, "
           f"peak RSS {lr / qr:.2f}x (target <= 8 MiB: {'met' if lr <= 8 else 'NOT met'})")
+    if args.baseline:
+        bw, bc, br = summary["baseline"]
+        print(f"ratio ligera/baseline: wall {lw / bw:.2f}x, CPU {lc / bc:.2f}x, peak RSS {lr / br:.2f}x")
+    if args.teardown:
+        tw, tc, tr = summary["ligera-inline-teardown"]
+        print(f"exit cost: the teardown child saves {tw - lw:.2f} ms of wall time "
+              f"(inline teardown {tw:.2f} ms vs {lw:.2f} ms)")
 
-    proc = subprocess.Popen([args.ligera, "run", "--kernel", hold, "--memory", f"{mem}M"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    if wait_output(proc, b"x", 10) is None:
+    binaries = [("ligera", args.ligera)] + ([("baseline", args.baseline)] if args.baseline else [])
+    for name, binary in binaries:
+        proc = subprocess.Popen([binary, "run", "--kernel", hold, "--memory", f"{mem}M"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        if wait_output(proc, b"x", 10) is None:
+            stop(proc)
+            sys.exit(f"the halting tiny guest did not start under {name}")
+        outside, guest = smaps_outside_guest(proc.pid, mem << 20)
         stop(proc)
-        sys.exit("the halting tiny guest did not start")
-    outside, guest = smaps_outside_guest(proc.pid, mem << 20)
-    stop(proc)
-    print(f"ligera memory outside the guest-memory mapping (smaps RSS): {outside / 1024:.2f} MiB "
-          f"(target <= 3 MiB: {'met' if outside <= 3 * 1024 else 'NOT met'}); "
-          f"guest memory touched: {guest / 1024:.2f} MiB")
+        print(f"{name} memory outside the guest-memory mapping (smaps RSS): {outside / 1024:.2f} MiB "
+              f"(target <= 3 MiB: {'met' if outside <= 3 * 1024 else 'NOT met'}); "
+              f"guest memory touched: {guest / 1024:.2f} MiB")
 
     if args.linux:
         kernel = args.kernel or os.path.join(image_path("build-guest-kernel.sh"), "vmlinux")

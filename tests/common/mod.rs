@@ -200,12 +200,23 @@ pub fn hex(text: &str) -> u64 {
     u64::from_str_radix(text, 16).unwrap_or_else(|_| panic!("not hex: {text}"))
 }
 
-/// A running ligera, with its output collected in the background.
+/// A running ligera, with its output collected in the background. Dropped
+/// without [`Running::finish`] (a test failed), it kills the process, so a
+/// failing test leaves no VM running.
 pub struct Running {
     child: Child,
     stdout: std::sync::mpsc::Receiver<Vec<u8>>,
-    stderr: std::thread::JoinHandle<Vec<u8>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
     seen: Vec<u8>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
@@ -239,7 +250,7 @@ pub fn spawn(args: &[&str]) -> Running {
     Running {
         child,
         stdout: rx,
-        stderr,
+        stderr: Some(stderr),
         seen: Vec::new(),
     }
 }
@@ -318,7 +329,14 @@ impl Running {
                 .code()
                 .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
             stdout: String::from_utf8_lossy(&self.seen).into_owned(),
-            stderr: String::from_utf8_lossy(&self.stderr.join().unwrap()).into_owned(),
+            stderr: String::from_utf8_lossy(
+                &self
+                    .stderr
+                    .take()
+                    .map(|t| t.join().unwrap())
+                    .unwrap_or_default(),
+            )
+            .into_owned(),
         }
     }
 }
