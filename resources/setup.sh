@@ -45,7 +45,9 @@ echo "setup: building the guest kernel (first time: ~6 minutes on 2 cores)" >&2
 kernel_dir=$(resources/build-guest-kernel.sh --print-path)
 echo "setup: building the initramfs" >&2
 initrd=$(resources/build-initramfs.sh --print-path)
-echo "setup: guest kernel in $kernel_dir, initramfs $initrd" >&2
+echo "setup: building the sandbox's default image" >&2
+rootfs=$(resources/build-sandbox-rootfs.sh --print-path)
+echo "setup: guest kernel in $kernel_dir, initramfs $initrd, sandbox image $rootfs" >&2
 
 if [ "${1:-}" = "--no-demo" ]; then
     exit 0

@@ -12,6 +12,8 @@ export LIGERA_KERNEL_DIR LIGERA_INITRD
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The sandbox tests run the guest agent next to the debug ligera.
+cargo build -p agent --bin ligera-agent
 # --include-ignored: the Linux boots are ignored by a plain `cargo test`
 # (they need the guest images and take seconds each here).
 cargo test --workspace -- --include-ignored

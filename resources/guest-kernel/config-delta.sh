@@ -48,6 +48,8 @@ $C -e BLOCK -e BLK_DEV -e VIRTIO_MENU -e VIRTIO -e VIRTIO_MMIO -e VIRTIO_MMIO_CM
 $C -e VIRTIO_BLK
 $C -e HW_RANDOM -e HW_RANDOM_VIRTIO
 $C -e EXT4_FS
+# ligera sandbox: the writable layer over the image is an overlay.
+$C -e OVERLAY_FS
 
 # --- networking: IPv4, packet sockets, virtio-net, vsock ------------------------
 $C -e NET -e INET -e PACKET -e UNIX -d IPV6

@@ -46,6 +46,9 @@ pub enum Command {
     /// Boot a kernel in a new microVM and run it until it reboots.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Run commands from an image in throwaway microVMs.
+    #[command(subcommand)]
+    Sandbox(crate::sandbox::SandboxCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -174,8 +177,10 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<VmConfig, clap::Error> {
         let cli = Cli::try_parse_from(args)?;
-        let Command::Run(run) = cli.command;
-        Ok(run.into_config())
+        match cli.command {
+            Command::Run(run) => Ok(run.into_config()),
+            Command::Sandbox(_) => panic!("not a run command"),
+        }
     }
 
     #[test]

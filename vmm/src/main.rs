@@ -54,6 +54,7 @@ fn run() -> i32 {
             }
             vm.exit_process(reason.code())
         }
+        Command::Sandbox(vmm::sandbox::SandboxCommand::Run(args)) => vmm::sandbox::run(args),
     }
 }
 

@@ -1,0 +1,5 @@
+//! ligera's guest agent: the program that runs inside a sandbox VM as PID 1
+//! (`src/main.rs`), and the protocol it speaks with the host
+//! ([`protocol`]), which `ligera sandbox` uses from the other end.
+
+pub mod protocol;

@@ -1,0 +1,553 @@
+//! ligera-agent: the guest side of `ligera sandbox`, booted as PID 1.
+//!
+//! As init it mounts the image disk (`/dev/vdb`, read-only) under a
+//! throwaway writable layer (an overlay whose upper layer is the scratch
+//! disk `/dev/vdc`, or a tmpfs when there is none) at `/mnt/root`, with
+//! `/proc`, `/sys`, `/dev` and `/tmp` inside, and then serves commands on
+//! vsock port [`protocol::PORT`]: one connection, one command, run chrooted
+//! in `/mnt/root` (see `agent::protocol` for the messages). The agent stays
+//! outside that root, so a command cannot replace it.
+//!
+//! `ligera-agent --unix PATH --root DIR` serves on a Unix socket instead,
+//! running commands chrooted in DIR, without any init work (for tests on
+//! the host).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use agent::protocol::{
+    self, ExecRequest, ExitStatus, Frame, FrameError, Hello, INITIAL_CREDIT, Kind, StartError,
+    StartErrorKind, read_frame, write_frame, write_json,
+};
+
+const ROOT: &str = "/mnt/root";
+/// How long output may still come after the command exited (from programs
+/// it left running that still hold its stdout or stderr).
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("--unix") if args.len() == 5 && args[3] == "--root" => {
+            serve_unix(Path::new(&args[2]), PathBuf::from(&args[4]))
+        }
+        None if std::process::id() == 1 => init().and_then(|()| serve_vsock(PathBuf::from(ROOT))),
+        _ => Err(io::Error::other(
+            "usage: ligera-agent (as PID 1) | ligera-agent --unix PATH --root DIR",
+        )),
+    };
+    if let Err(e) = result {
+        eprintln!("ligera-agent: {e}");
+    }
+    if std::process::id() == 1 {
+        // init must not exit (the kernel would panic): power off instead.
+        // SAFETY: reboot(2) with a valid command; never returns on success.
+        unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    std::process::exit(1);
+}
+
+// ---- init ---------------------------------------------------------------
+
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let c = |s: &str| CString::new(s).map_err(io::Error::other);
+    let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "mount {} on {}: {e}",
+                fstype.to_string_lossy(),
+                target.to_string_lossy()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn init() -> io::Result<()> {
+    mount("proc", "/proc", "proc", 0, "")?;
+    mount("sysfs", "/sys", "sysfs", 0, "")?;
+    mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
+    mount("tmpfs", "/run", "tmpfs", 0, "mode=0755")?;
+    mount("/dev/vdb", "/mnt/image", "ext4", libc::MS_RDONLY, "")?;
+    if Path::new("/dev/vdc").exists() {
+        mount("/dev/vdc", "/mnt/scratch", "ext4", 0, "")?;
+    } else {
+        mount("tmpfs", "/mnt/scratch", "tmpfs", 0, "mode=0755")?;
+    }
+    for dir in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
+        std::fs::create_dir_all(dir)?;
+    }
+    mount(
+        "overlay",
+        ROOT,
+        "overlay",
+        0,
+        "lowerdir=/mnt/image,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work",
+    )?;
+    for dir in ["proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(Path::new(ROOT).join(dir))?;
+    }
+    mount("proc", "/mnt/root/proc", "proc", 0, "")?;
+    mount("sysfs", "/mnt/root/sys", "sysfs", 0, "")?;
+    mount("devtmpfs", "/mnt/root/dev", "devtmpfs", 0, "")?;
+    mount("tmpfs", "/mnt/root/tmp", "tmpfs", 0, "mode=1777")?;
+    let name = b"sandbox";
+    // SAFETY: sethostname reads `name` for its length.
+    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    Ok(())
+}
+
+// ---- listening ------------------------------------------------------------
+
+fn serve_vsock(root: PathBuf) -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nobody else owns.
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all zeroes is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = protocol::PORT;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    // SAFETY: bind with a valid address of the given size.
+    let ret = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: listen on our socket.
+    if ret != 0 || unsafe { libc::listen(fd, 16) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    start_reaper();
+    loop {
+        // SAFETY: accept on our listening socket; peer address not wanted.
+        let conn = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if conn < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The transport was reset (e.g. after a snapshot restore):
+            // listen again.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        // SAFETY: a new connected socket we own.
+        let stream = unsafe { File::from_raw_fd(conn) };
+        let root = root.clone();
+        std::thread::spawn(move || serve_connection(stream, &root));
+    }
+}
+
+fn serve_unix(path: &Path, root: PathBuf) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    start_reaper();
+    for stream in listener.incoming() {
+        let stream = File::from(OwnedFd::from(stream?));
+        let root = root.clone();
+        std::thread::spawn(move || serve_connection(stream, &root));
+    }
+    Ok(())
+}
+
+// ---- reaping ---------------------------------------------------------------
+
+/// Exit statuses by pid: waiters register a channel; statuses of processes
+/// nobody waits for (yet) are kept until claimed. As PID 1 the agent also
+/// reaps every orphan.
+#[derive(Default)]
+struct Reaper {
+    waiting: HashMap<libc::pid_t, mpsc::Sender<libc::c_int>>,
+    exited: HashMap<libc::pid_t, libc::c_int>,
+}
+
+fn reaper() -> &'static Mutex<Reaper> {
+    static REAPER: OnceLock<Mutex<Reaper>> = OnceLock::new();
+    REAPER.get_or_init(Mutex::default)
+}
+
+fn start_reaper() {
+    std::thread::spawn(|| {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid for any child, writing its status to `status`.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid < 0 {
+                // No children right now.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            let mut r = reaper().lock().unwrap_or_else(|e| e.into_inner());
+            match r.waiting.remove(&pid) {
+                Some(tx) => {
+                    let _ = tx.send(status);
+                }
+                None => {
+                    // An orphan, or a child whose waiter is not registered
+                    // yet; bounded: orphans are forgotten beyond a limit.
+                    if r.exited.len() < 4096 {
+                        r.exited.insert(pid, status);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Waits for `pid` to end; returns its wait status.
+fn wait_for(pid: libc::pid_t) -> libc::c_int {
+    let rx = {
+        let mut r = reaper().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(status) = r.exited.remove(&pid) {
+            return status;
+        }
+        let (tx, rx) = mpsc::channel();
+        r.waiting.insert(pid, tx);
+        rx
+    };
+    rx.recv().unwrap_or(0)
+}
+
+// ---- one connection, one command ---------------------------------------------
+
+/// A window of bytes the other side has allowed us to send.
+struct Credit {
+    available: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Credit {
+    fn new(initial: u32) -> Self {
+        Credit {
+            available: Mutex::new(initial.into()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn grant(&self, n: u32) {
+        let mut a = self.available.lock().unwrap_or_else(|e| e.into_inner());
+        *a = a.saturating_add(n.into());
+        self.changed.notify_all();
+    }
+
+    /// Takes up to `want` bytes of credit, waiting while there is none;
+    /// None once `closed` is set.
+    fn take(&self, want: usize, closed: &std::sync::atomic::AtomicBool) -> Option<usize> {
+        let mut a = self.available.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            if *a > 0 {
+                let n = (*a).min(want as u64) as usize;
+                *a -= n as u64;
+                return Some(n);
+            }
+            a = self
+                .changed
+                .wait_timeout(a, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn send(out: &Shared<File>, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    write_frame(
+        &mut *out.lock().unwrap_or_else(|e| e.into_inner()),
+        kind,
+        payload,
+    )
+}
+
+fn send_json<T: serde::Serialize>(out: &Shared<File>, kind: Kind, v: &T) -> io::Result<()> {
+    write_json(&mut *out.lock().unwrap_or_else(|e| e.into_inner()), kind, v)
+}
+
+fn serve_connection(stream: File, root: &Path) {
+    let mut input = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let out: Shared<File> = Arc::new(Mutex::new(stream));
+    if let Err(e) = handle(&mut input, &out, root) {
+        let _ = send(&out, Kind::Error, e.to_string().as_bytes());
+    }
+}
+
+fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), FrameError> {
+    let hello: Hello = read_frame(input)?.expect(Kind::Hello)?.json()?;
+    if hello.version != protocol::VERSION {
+        return Err(FrameError::Malformed {
+            kind: Kind::Hello,
+            why: format!(
+                "version {} (the agent speaks {})",
+                hello.version,
+                protocol::VERSION
+            ),
+        });
+    }
+    send_json(
+        out,
+        Kind::Hello,
+        &Hello {
+            version: protocol::VERSION,
+        },
+    )?;
+    let req: ExecRequest = read_frame(input)?.expect(Kind::Exec)?.json()?;
+    if let Err(why) = req.validate() {
+        return Err(FrameError::Malformed {
+            kind: Kind::Exec,
+            why,
+        });
+    }
+    let mut child = match spawn(&req, root) {
+        Ok(c) => c,
+        Err(e) => {
+            let kind = match e.kind() {
+                io::ErrorKind::NotFound => StartErrorKind::NotFound,
+                io::ErrorKind::PermissionDenied => StartErrorKind::NotExecutable,
+                _ => StartErrorKind::Other,
+            };
+            let status = ExitStatus {
+                code: None,
+                signal: None,
+                error: Some(StartError {
+                    kind,
+                    message: format!("{}: {e}", req.argv[0]),
+                }),
+            };
+            send_json(out, Kind::Exited, &status)?;
+            return Ok(());
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    let credit = Arc::new(Credit::new(INITIAL_CREDIT));
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // Output: one reader per stream, sending as the host's credit allows.
+    let mut readers = Vec::new();
+    for (pipe, kind) in [
+        (
+            child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+            Kind::Stdout,
+        ),
+        (
+            child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+            Kind::Stderr,
+        ),
+    ] {
+        let Some(mut pipe) = pipe else { continue };
+        let (out, credit, closed) = (out.clone(), credit.clone(), closed.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Some(room) = credit.take(buf.len(), &closed) {
+                match pipe.read(&mut buf[..room]) {
+                    Ok(0) | Err(_) => {
+                        credit.grant(room as u32);
+                        return;
+                    }
+                    Ok(n) => {
+                        credit.grant((room - n) as u32);
+                        if send(&out, kind, &buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    // Input: written by its own thread, so a command that does not read
+    // never blocks the frames from the host.
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>();
+    let stdin = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+    let stdin_out = out.clone();
+    let stdin_thread = std::thread::spawn(move || {
+        let Some(mut stdin) = stdin else { return };
+        while let Ok(Some(chunk)) = stdin_rx.recv() {
+            if stdin.write_all(&chunk).is_err() {
+                // The command closed its stdin: drop the rest, but keep
+                // granting credit so the host is never stuck.
+                while let Ok(Some(c)) = stdin_rx.recv() {
+                    let _ = send(&stdin_out, Kind::Credit, &(c.len() as u32).to_le_bytes());
+                }
+                return;
+            }
+            let _ = send(
+                &stdin_out,
+                Kind::Credit,
+                &(chunk.len() as u32).to_le_bytes(),
+            );
+        }
+    });
+
+    // Frames from the host, until the command has exited.
+    let (done_tx, done_rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = wait_for(pid);
+        let _ = done_tx.send(status);
+    });
+    let host_input = input.try_clone().map_err(FrameError::Io)?;
+    let host_credit = credit.clone();
+    let host_thread =
+        std::thread::spawn(move || host_frames(host_input, pid, stdin_tx, host_credit));
+    let status = done_rx.recv().unwrap_or(0);
+    let _ = waiter.join();
+    // Output still buffered in the pipes is sent; programs the command left
+    // running get a moment, then their output is no longer waited for.
+    let deadline = std::time::Instant::now() + OUTPUT_GRACE;
+    for r in readers {
+        while !r.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if r.is_finished() {
+            let _ = r.join();
+        }
+    }
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let exit = if libc::WIFSIGNALED(status) {
+        ExitStatus {
+            code: None,
+            signal: Some(libc::WTERMSIG(status)),
+            error: None,
+        }
+    } else {
+        ExitStatus {
+            code: Some(libc::WEXITSTATUS(status)),
+            signal: None,
+            error: None,
+        }
+    };
+    send_json(out, Kind::Exited, &exit)?;
+    drop(host_thread);
+    drop(stdin_thread);
+    Ok(())
+}
+
+/// Reads the host's frames for a running command: input, signals, credit.
+fn host_frames(
+    mut input: File,
+    pid: libc::pid_t,
+    stdin: mpsc::Sender<Option<Vec<u8>>>,
+    credit: Arc<Credit>,
+) {
+    loop {
+        let frame: Frame = match read_frame(&mut input) {
+            Ok(f) => f,
+            Err(_) => {
+                let _ = stdin.send(None);
+                return;
+            }
+        };
+        match frame.kind {
+            Kind::Stdin => {
+                let _ = stdin.send(Some(frame.payload));
+            }
+            Kind::StdinEof => {
+                let _ = stdin.send(None);
+            }
+            Kind::Credit => {
+                if let Ok(n) = frame.u32() {
+                    credit.grant(n);
+                }
+            }
+            Kind::Signal => {
+                if let Ok(sig) = frame.u32()
+                    && (1..=64).contains(&sig)
+                {
+                    // SAFETY: kill(2) on the command's process group.
+                    unsafe { libc::kill(-pid, sig as libc::c_int) };
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn spawn(req: &ExecRequest, root: &Path) -> io::Result<std::process::Child> {
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for kv in &req.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+    let root = CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let cwd =
+        CString::new(req.cwd.clone().unwrap_or_else(|| "/".into())).map_err(io::Error::other)?;
+    let (uid, gid) = (req.uid, req.gid.or(req.uid));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0
+                || libc::chroot(root.as_ptr()) != 0
+                || libc::chdir(cwd.as_ptr()) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(gid) = gid
+                && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(uid) = uid
+                && libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

@@ -1,0 +1,138 @@
+//! The agent on the host (`--unix PATH --root /`): the protocol's exec,
+//! streams, credit and exit statuses against real processes, in
+//! milliseconds. The same agent boots as init in `tests/sandbox.rs`.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use agent::protocol::{
+    ExecRequest, ExitStatus, Hello, INITIAL_CREDIT, Kind, StartErrorKind, VERSION, read_frame,
+    write_frame, write_json,
+};
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn agent(name: &str) -> Agent {
+    let socket = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("agent-{}-{name}.sock", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_ligera-agent"))
+        .args(["--unix", socket.to_str().unwrap(), "--root", "/"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the agent did not listen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Agent { child, socket }
+}
+
+/// Runs `argv` through the agent; returns stdout, stderr and the status.
+/// Grants credit only as it reads, like ligera.
+fn exec(a: &Agent, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+    let mut s = UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write_json(&mut s, Kind::Hello, &Hello { version: VERSION }).unwrap();
+    let hello: Hello = read_frame(&mut s)
+        .unwrap()
+        .expect(Kind::Hello)
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(hello.version, VERSION);
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        ..Default::default()
+    };
+    write_json(&mut s, Kind::Exec, &req).unwrap();
+    for chunk in stdin.chunks(60_000) {
+        write_frame(&mut s, Kind::Stdin, chunk).unwrap();
+    }
+    write_frame(&mut s, Kind::StdinEof, &[]).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut granted = u64::from(INITIAL_CREDIT);
+    loop {
+        let f = read_frame(&mut s).unwrap();
+        match f.kind {
+            Kind::Stdout | Kind::Stderr => {
+                let len = f.payload.len() as u64;
+                assert!(
+                    out.len() as u64 + err.len() as u64 + len <= granted,
+                    "credit exceeded"
+                );
+                if f.kind == Kind::Stdout {
+                    &mut out
+                } else {
+                    &mut err
+                }
+                .extend(f.payload);
+                granted += len;
+                write_frame(&mut s, Kind::Credit, &(len as u32).to_le_bytes()).unwrap();
+            }
+            Kind::Credit => {}
+            Kind::Exited => return (out, err, f.json().unwrap()),
+            other => panic!(
+                "unexpected {other:?}: {:?}",
+                String::from_utf8_lossy(&f.payload)
+            ),
+        }
+    }
+}
+
+#[test]
+fn runs_commands_with_their_streams_and_status() {
+    let a = agent("basic");
+    let (out, err, st) = exec(
+        &a,
+        &["sh", "-c", "echo out; echo err >&2; cat; exit 7"],
+        b"in\n",
+    );
+    assert_eq!(out, b"out\nin\n");
+    assert_eq!(err, b"err\n");
+    assert_eq!(st.host_code(), 7);
+    let (_, _, st) = exec(&a, &["sh", "-c", "kill -9 $$"], b"");
+    assert_eq!((st.signal, st.host_code()), (Some(9), 137));
+    let (_, _, st) = exec(&a, &["no-such-program-here"], b"");
+    assert_eq!(st.error.as_ref().unwrap().kind, StartErrorKind::NotFound);
+    assert_eq!(st.host_code(), 127);
+    let (_, _, st) = exec(&a, &["/etc/passwd"], b"");
+    assert_eq!(st.host_code(), 126);
+}
+
+#[test]
+fn large_output_and_input_flow_within_credit() {
+    let a = agent("large");
+    // 5 MB through cat: input and output both far beyond one window.
+    let input: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let (out, _, st) = exec(&a, &["cat"], &input);
+    assert_eq!(st.host_code(), 0);
+    assert!(out == input, "{} bytes back", out.len());
+}
+
+#[test]
+fn garbage_from_the_host_gets_an_error_not_a_crash() {
+    let a = agent("garbage");
+    let mut s = UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0x7f, 1]).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!(f.kind, Kind::Error);
+    // The agent still serves others.
+    let (out, _, _) = exec(&a, &["echo", "still here"], b"");
+    assert_eq!(out, b"still here\n");
+}

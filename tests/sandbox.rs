@@ -1,0 +1,163 @@
+//! `ligera sandbox run` end to end: the resources/ guest kernel boots the
+//! agent (agent/) as init from its disk, over the default busybox image;
+//! the command's output, input and status cross vsock. Each run boots Linux
+//! (seconds here), so these are ignored by a plain `cargo test`;
+//! `resources/test.sh` runs them (after building the agent and the image).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::LIGERA;
+use common::linux::{kernel, one_at_a_time, resources_output};
+
+struct Run {
+    status: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+/// Runs `ligera sandbox run ARGS`, feeding `input` to its stdin.
+fn sandbox(args: &[&str], input: &[u8]) -> Run {
+    let _one = one_at_a_time();
+    // The default image (setup builds it; building it here is cheap).
+    resources_output("build-sandbox-rootfs.sh", &[]);
+    let kernel = kernel("vmlinux");
+    let mut cmd = Command::new(LIGERA);
+    cmd.args(["sandbox", "run", "--kernel", kernel.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("cannot start ligera");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ligera sandbox run {args:?} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = feeder.join();
+    let run = Run {
+        status: status.code().unwrap_or(-1),
+        stdout: reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    };
+    eprintln!(
+        "sandbox {args:?}: status {} after {:.1} s",
+        run.status,
+        start.elapsed().as_secs_f64()
+    );
+    run
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn output_input_and_status_cross_the_vm() {
+    let r = sandbox(
+        &[
+            "--env",
+            "GREETING=hello there",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; echo to-stderr >&2; cat; uname -s; exit 42",
+        ],
+        b"piped input\nsecond line\n",
+    );
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.status, 42, "stdout {stdout}\nstderr {}", r.stderr);
+    assert_eq!(
+        stdout, "hello there\npiped input\nsecond line\nLinux\n",
+        "stderr {}",
+        r.stderr
+    );
+    assert_eq!(r.stderr, "to-stderr\n");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn binary_output_is_byte_exact() {
+    // 3 MB of random bytes on stdout (more than the credit window many
+    // times over); the guest's sha256 of them on stderr.
+    let r = sandbox(
+        &[
+            "--",
+            "sh",
+            "-c",
+            "head -c 3000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.len(), 3_000_000, "{}", r.stderr);
+    let ours = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(&r.stdout)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let ours = String::from_utf8_lossy(&ours.stdout);
+    let ours = ours.split_whitespace().next().unwrap();
+    let theirs = r.stderr.split_whitespace().next().unwrap_or("");
+    assert_eq!(ours, theirs, "stderr: {}", r.stderr);
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn a_missing_command_is_127() {
+    let r = sandbox(&["--", "no-such-command", "x"], b"");
+    assert_eq!(r.status, 127, "{}", r.stderr);
+    assert!(r.stderr.contains("no-such-command"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn the_timeout_ends_the_run_with_124_and_nothing_is_left() {
+    // As ligera picks it (the tests run as root).
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("ligera"))
+        .unwrap_or_else(|| "/run/ligera".into());
+    let before: Vec<_> = std::fs::read_dir(&runtime)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let r = sandbox(&["--timeout", "3s", "--", "sleep", "1000"], b"");
+    assert_eq!(r.status, 124, "{}", r.stderr);
+    assert!(r.stderr.contains("did not finish"), "{}", r.stderr);
+    let after: Vec<_> = std::fs::read_dir(&runtime)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        after.iter().all(|n| before.contains(n)),
+        "left behind in {}: {after:?}",
+        runtime.display()
+    );
+}

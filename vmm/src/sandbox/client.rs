@@ -1,0 +1,188 @@
+//! The host side of the agent protocol (`agent::protocol`) for one
+//! command: connect through the VM's hybrid-vsock socket, start the
+//! command, stream stdin, stdout and stderr both ways within the credit
+//! windows, and return how it ended.
+//!
+//! Everything the agent sends is untrusted: frames are size-checked before
+//! anything is allocated, only the kinds that make sense are accepted, and
+//! data beyond the credit the host granted ends the session with an error.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use agent::protocol::{
+    self, ExecRequest, ExitStatus, FrameError, Hello, INITIAL_CREDIT, Kind, read_frame,
+    write_frame, write_json,
+};
+
+/// Why a command's session failed (ligera then exits with status 125).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the guest agent did not answer within {0:?}")]
+    NoAgent(Duration),
+    #[error("the guest agent broke the protocol: {0}")]
+    Protocol(#[from] FrameError),
+    #[error("the guest agent reports: {0}")]
+    Agent(String),
+    #[error("the guest agent sent {sent} bytes of output beyond the {granted} it was allowed")]
+    Credit { sent: u64, granted: u64 },
+    #[error("talking to the guest agent: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Connects to the agent's port through ligera's hybrid-vsock socket at
+/// `socket`, retrying while the guest boots, until `deadline` or `gone()`.
+pub fn connect(
+    socket: &Path,
+    timeout: Duration,
+    gone: impl Fn() -> bool,
+) -> Result<UnixStream, ClientError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = try_connect(socket) {
+            return Ok(s);
+        }
+        if gone() || Instant::now() >= deadline {
+            return Err(ClientError::NoAgent(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn try_connect(socket: &Path) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(s, "CONNECT {}", protocol::PORT)?;
+    // "OK <port>\n", read byte by byte: what follows is the agent's.
+    let mut line = Vec::new();
+    let mut reader = BufReader::with_capacity(1, &s);
+    reader.read_until(b'\n', &mut line)?;
+    if !line.starts_with(b"OK ") {
+        return Err(io::ErrorKind::ConnectionRefused.into());
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// Credit the agent has granted us for stdin.
+struct Window {
+    left: Mutex<u64>,
+    more: Condvar,
+}
+
+/// Runs `req` on the agent at the other end of `stream`, with our stdin,
+/// stdout and stderr; returns its exit status.
+pub fn run_command(
+    stream: UnixStream,
+    req: &ExecRequest,
+    stdin: Option<Box<dyn Read + Send>>,
+    mut stdout: impl Write,
+    mut stderr: impl Write,
+) -> Result<ExitStatus, ClientError> {
+    let mut input = stream.try_clone()?;
+    let out = Arc::new(Mutex::new(stream));
+    write_json(
+        &mut *lock(&out),
+        Kind::Hello,
+        &Hello {
+            version: protocol::VERSION,
+        },
+    )?;
+    let hello: Hello = read_frame(&mut input)?.expect(Kind::Hello)?.json()?;
+    if hello.version != protocol::VERSION {
+        return Err(ClientError::Agent(format!(
+            "it speaks protocol version {}, ligera {}",
+            hello.version,
+            protocol::VERSION
+        )));
+    }
+    write_json(&mut *lock(&out), Kind::Exec, req)?;
+
+    // stdin on its own thread, within the agent's window.
+    let window = Arc::new(Window {
+        left: Mutex::new(INITIAL_CREDIT.into()),
+        more: Condvar::new(),
+    });
+    if let Some(mut stdin) = stdin {
+        let (out, window) = (out.clone(), window.clone());
+        std::thread::Builder::new()
+            .name("sandbox-stdin".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let room = {
+                        let mut left = lock(&window.left);
+                        while *left == 0 {
+                            left = window.more.wait(left).unwrap_or_else(|e| e.into_inner());
+                        }
+                        (*left as usize).min(buf.len())
+                    };
+                    match stdin.read(&mut buf[..room]) {
+                        Ok(0) | Err(_) => {
+                            let _ = write_frame(&mut *lock(&out), Kind::StdinEof, &[]);
+                            return;
+                        }
+                        Ok(n) => {
+                            *lock(&window.left) -= n as u64;
+                            if write_frame(&mut *lock(&out), Kind::Stdin, &buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })?;
+    } else {
+        write_frame(&mut *lock(&out), Kind::StdinEof, &[])?;
+    }
+
+    // Output, granted back as we write it out.
+    let mut granted: u64 = INITIAL_CREDIT.into();
+    let mut sent: u64 = 0;
+    loop {
+        let frame = read_frame(&mut input)?;
+        match frame.kind {
+            Kind::Stdout | Kind::Stderr => {
+                sent += frame.payload.len() as u64;
+                if sent > granted {
+                    return Err(ClientError::Credit { sent, granted });
+                }
+                let sink: &mut dyn Write = if frame.kind == Kind::Stdout {
+                    &mut stdout
+                } else {
+                    &mut stderr
+                };
+                // A host reader that went away is not the command's problem:
+                // keep consuming, as a closed pipe would make it.
+                let _ = sink.write_all(&frame.payload).and_then(|()| sink.flush());
+                let n = frame.payload.len() as u32;
+                granted += u64::from(n);
+                write_frame(&mut *lock(&out), Kind::Credit, &n.to_le_bytes())?;
+            }
+            Kind::Credit => {
+                let n = frame.u32()?;
+                let mut left = lock(&window.left);
+                *left = left.saturating_add(n.into()).min(1 << 40);
+                window.more.notify_all();
+            }
+            Kind::Exited => return Ok(frame.json()?),
+            Kind::Error => {
+                let text = String::from_utf8_lossy(&frame.payload);
+                let text: String = text.chars().take(1000).collect();
+                return Err(ClientError::Agent(text));
+            }
+            other => {
+                return Err(ClientError::Protocol(FrameError::Malformed {
+                    kind: other,
+                    why: "not a message the agent sends".into(),
+                }));
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,424 @@
+//! `ligera sandbox`: run a command from an image in a throwaway microVM.
+//!
+//! `ligera sandbox run [OPTIONS] -- CMD [ARG...]` builds (or takes from
+//! the cache) the image's read-only disk and the agent's disk, makes a
+//! sparse scratch disk for the writable layer, boots the guest kernel with
+//! the agent as init, runs the command through the agent over vsock with
+//! stdin, stdout and stderr streamed, and exits with the command's status.
+//! Everything the run made (scratch disk, sockets, console log) lives in a
+//! run directory that goes away with it; one left by a killed ligera is
+//! removed by the next run.
+
+pub mod client;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent::protocol::{ExecRequest, ExitStatus};
+
+use crate::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig, parse_size};
+use crate::exit::ExitReason;
+use crate::image;
+
+/// Status when ligera could not run the command (as `docker run` uses it).
+pub const EXIT_SANDBOX_ERROR: i32 = 125;
+/// Status when `--timeout` ended the command (as `timeout(1)` uses it).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// The guest's command line: the fast-boot options for the resources/
+/// kernel, the agent disk as root and the agent as init.
+const SANDBOX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux \
+     i8042.nopnp i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet \
+     root=/dev/vda ro rootfstype=ext4 init=/agent";
+/// Environment every command starts with (before the image's and `--env`).
+const BASE_ENV: [&str; 3] = [
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+    "HOSTNAME=sandbox",
+];
+/// How long the guest may take to boot to its agent.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+const SANDBOX_EXAMPLES: &str = "\
+Examples:
+  ligera sandbox run -- uname -a
+  echo hello | ligera sandbox run -- cat
+  ligera sandbox run --memory 512M --timeout 30s --env GREETING=hi -- sh -c 'echo $GREETING'
+  ligera sandbox run --image ./rootfs -- /bin/app
+
+Exit status:
+  the command's own status; 128+N if signal N killed it
+  124  --timeout ended it
+  125  ligera could not run it (bad image, the VM did not start, ...)
+  126  the command is not executable
+  127  the command was not found
+  2    bad command line";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SandboxCommand {
+    /// Run a command in a new throwaway microVM and exit with its status.
+    #[command(after_help = SANDBOX_EXAMPLES)]
+    Run(SandboxRunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxRunArgs {
+    /// Root file system: a directory (default: the busybox image setup builds).
+    #[arg(long, value_name = "REF")]
+    pub image: Option<PathBuf>,
+
+    /// vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+
+    /// Guest RAM: 512M, 2G, ...
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// End the run after this long (status 124): 30s, 5m, 1h, or seconds.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// An environment variable for the command: KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<String>,
+
+    /// Working directory of the command (default /).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Run as UID[:GID] (default root).
+    #[arg(long, short = 'u', value_name = "UID[:GID]", value_parser = parse_user)]
+    pub user: Option<(u32, Option<u32>)>,
+
+    /// Guest kernel (default: the one resources/setup.sh built, in the cache).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Size of the writable layer the command can fill.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub disk_size: u64,
+
+    /// The command and its arguments (after --).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `30s`, `5m`, `2h`, `1500ms` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or("too long")?,
+        "h" => n.checked_mul(3600).ok_or("too long")?,
+        _ => return Err(format!("'{text}' has an unknown unit (use ms, s, m or h)")),
+    };
+    if secs == 0 && n == 0 {
+        return Err("a timeout of zero ends before it starts".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_env(text: &str) -> Result<String, String> {
+    match text.split_once('=') {
+        Some((k, _)) if !k.is_empty() && !k.contains('\0') => Ok(text.to_string()),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+fn parse_user(text: &str) -> Result<(u32, Option<u32>), String> {
+    let bad = || format!("'{text}' is not UID or UID:GID (numbers)");
+    match text.split_once(':') {
+        Some((u, g)) => Ok((
+            u.parse().map_err(|_| bad())?,
+            Some(g.parse().map_err(|_| bad())?),
+        )),
+        None => Ok((text.parse().map_err(|_| bad())?, None)),
+    }
+}
+
+/// Where sandboxes keep their run directories: `$XDG_RUNTIME_DIR/ligera`,
+/// `/run/ligera` for root, else a per-user directory in /tmp.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("ligera");
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        PathBuf::from("/run/ligera")
+    } else {
+        PathBuf::from(format!("/tmp/ligera-{uid}"))
+    }
+}
+
+/// A run directory, removed when dropped.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes run directories whose ligera is gone (killed with SIGKILL).
+fn remove_stale_runs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            log::info!("removing {} (its ligera is gone)", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> i32 {
+    eprintln!("ligera: error: {message}");
+    EXIT_SANDBOX_ERROR
+}
+
+/// `ligera sandbox run`; returns the exit status (or exits the process).
+pub fn run(args: SandboxRunArgs) -> i32 {
+    let runtime = runtime_dir();
+    if let Err(e) = std::fs::create_dir_all(&runtime) {
+        return fail(format!("cannot create {}: {e}", runtime.display()));
+    }
+    remove_stale_runs(&runtime);
+    let run_dir = RunDir(runtime.join(format!("run-{}", std::process::id())));
+    if let Err(e) = std::fs::create_dir(&run_dir.0) {
+        return fail(format!("cannot create {}: {e}", run_dir.0.display()));
+    }
+
+    let config = match prepare(&args, &run_dir.0) {
+        Ok(c) => c,
+        Err(message) => return fail(message),
+    };
+    if let Err(e) = config.validate() {
+        return fail(e);
+    }
+    if let Err(e) = crate::vm::block_signals() {
+        return fail(e);
+    }
+    let mut vm = match crate::builder::build(&config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    let control = vm.control();
+
+    let request = ExecRequest {
+        argv: args.command.clone(),
+        env: BASE_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .chain(args.env.iter().cloned())
+            .collect(),
+        cwd: args.workdir.clone(),
+        uid: args.user.map(|u| u.0),
+        gid: args.user.and_then(|u| u.1),
+        tty: false,
+        rows: None,
+        cols: None,
+    };
+    let outcome: Arc<Mutex<Option<Result<ExitStatus, client::ClientError>>>> = Arc::default();
+    let finished = Arc::new(AtomicBool::new(false));
+    let socket = run_dir.0.join("v.sock");
+    {
+        let (outcome, control, finished) = (outcome.clone(), control.clone(), finished.clone());
+        let spawned = std::thread::Builder::new()
+            .name("sandbox".into())
+            .spawn(move || {
+                let stopped = || control.state() == crate::vm::VmState::Stopped;
+                let result = client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(|s| {
+                    client::run_command(
+                        s,
+                        &request,
+                        Some(Box::new(std::io::stdin())),
+                        std::io::stdout(),
+                        std::io::stderr(),
+                    )
+                });
+                *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                finished.store(true, Ordering::SeqCst);
+                control.request_stop(ExitReason::Stopped);
+            });
+        if let Err(e) = spawned {
+            return fail(format!("cannot start a thread: {e}"));
+        }
+    }
+    let timed_out = Arc::new(AtomicBool::new(false));
+    if let Some(limit) = args.timeout {
+        let (timed_out, control, finished) = (timed_out.clone(), control.clone(), finished.clone());
+        let _ = std::thread::Builder::new()
+            .name("sandbox-timeout".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                if !finished.load(Ordering::SeqCst) {
+                    timed_out.store(true, Ordering::SeqCst);
+                    control.request_stop(ExitReason::Stopped);
+                }
+            });
+    }
+
+    let reason = vm.run();
+    let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let code = if timed_out.load(Ordering::SeqCst) {
+        if let Some(limit) = args.timeout {
+            eprintln!("ligera: the command did not finish within {limit:?}");
+        }
+        EXIT_TIMEOUT
+    } else {
+        match (result, &reason) {
+            (Some(Ok(status)), _) => {
+                if let Some(e) = &status.error {
+                    eprintln!("ligera: {}", e.message);
+                }
+                status.host_code()
+            }
+            (_, ExitReason::Signal(sig)) => {
+                eprintln!("ligera: stopped by signal {sig}");
+                128 + sig
+            }
+            (Some(Err(e)), _) => fail(e),
+            (None, reason) => fail(format!(
+                "the VM stopped before the command finished: {}{}",
+                reason
+                    .message()
+                    .unwrap_or_else(|| "the guest rebooted".into()),
+                console_tail(&run_dir.0.join("console.log"))
+            )),
+        }
+    };
+    drop(run_dir);
+    vm.exit_process(code)
+}
+
+/// The last lines of the guest's console, for an error message.
+fn console_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    format!("; the guest's console ended with: {}", tail.join(" | "))
+}
+
+/// Resolves the kernel, image and agent, and builds the VM configuration.
+fn prepare(args: &SandboxRunArgs, run_dir: &Path) -> Result<VmConfig, String> {
+    let kernel = match &args.kernel {
+        Some(k) => k.clone(),
+        None => image::cache_dir()
+            .map_err(|e| e.to_string())?
+            .join("kernel/vmlinux"),
+    };
+    if !kernel.exists() {
+        return Err(format!(
+            "no guest kernel at {}: run resources/setup.sh, or give --kernel",
+            kernel.display()
+        ));
+    }
+    let rootfs = match &args.image {
+        Some(i) => i.clone(),
+        None => image::default_image().map_err(|e| e.to_string())?,
+    };
+    let image_disk = image::rootfs_disk(&rootfs).map_err(|e| e.to_string())?;
+    let agent = agent_binary()?;
+    let agent_disk = image::agent_disk(&agent).map_err(|e| e.to_string())?;
+    let scratch = run_dir.join("scratch.ext4");
+    image::scratch_disk(&scratch, args.disk_size).map_err(|e| e.to_string())?;
+    let disk = |path: PathBuf, readonly: bool, id: &str| DiskConfig {
+        path,
+        readonly,
+        id: Some(id.into()),
+    };
+    Ok(VmConfig {
+        cmdline: SANDBOX_CMDLINE.into(),
+        vcpus: args.cpus,
+        mem_size: args.memory,
+        serial: SerialConfig::File(run_dir.join("console.log")),
+        disks: vec![
+            disk(agent_disk, true, "agent"),
+            disk(image_disk, true, "image"),
+            disk(scratch, false, "scratch"),
+        ],
+        vsock: Some(VsockConfig {
+            cid: 3,
+            socket: run_dir.join("v.sock"),
+        }),
+        ..VmConfig::new(kernel)
+    })
+}
+
+/// The agent binary: `$LIGERA_AGENT`, else `ligera-agent` next to ligera.
+fn agent_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("LIGERA_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find ligera itself: {e}"))?;
+    let agent = exe.with_file_name("ligera-agent");
+    if agent.exists() {
+        Ok(agent)
+    } else {
+        Err(format!(
+            "no guest agent at {} (build it with cargo build, or set LIGERA_AGENT)",
+            agent.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "5x", "-1s", "1.5s", "0"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn users_and_env() {
+        assert_eq!(parse_user("1000"), Ok((1000, None)));
+        assert_eq!(parse_user("1000:100"), Ok((1000, Some(100))));
+        assert!(parse_user("nobody").is_err());
+        assert!(parse_env("A=b=c").is_ok());
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+}
