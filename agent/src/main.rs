@@ -49,9 +49,10 @@ fn main() {
         eprintln!("ligera-agent: {e}");
     }
     if std::process::id() == 1 {
-        // init must not exit (the kernel would panic): power off instead.
+        // init must not exit (the kernel would panic): reboot, which ends
+        // the VM (ligera then reports the console's last lines).
         // SAFETY: reboot(2) with a valid command; never returns on success.
-        unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -97,7 +98,10 @@ fn mount(
 fn init() -> io::Result<()> {
     mount("proc", "/proc", "proc", 0, "")?;
     mount("sysfs", "/sys", "sysfs", 0, "")?;
-    mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
+    // The kernel may have mounted /dev already (DEVTMPFS_MOUNT).
+    if !Path::new("/dev/null").exists() {
+        mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
+    }
     mount("tmpfs", "/run", "tmpfs", 0, "mode=0755")?;
     mount("/dev/vdb", "/mnt/image", "ext4", libc::MS_RDONLY, "")?;
     if Path::new("/dev/vdc").exists() {
@@ -318,6 +322,50 @@ fn serve_connection(stream: File, root: &Path) {
     let out: Shared<File> = Arc::new(Mutex::new(stream));
     if let Err(e) = handle(&mut input, &out, root) {
         let _ = send(&out, Kind::Error, e.to_string().as_bytes());
+    }
+    // The last message is out; closing now, with the host's frames still
+    // arriving, could make the transport reset the connection before it is
+    // delivered. The host closes its end once it has the last message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let _ = input.set_read_timeout_compat(Duration::from_millis(200));
+    while std::time::Instant::now() < deadline {
+        match read_frame(&mut input) {
+            Ok(_) => {}
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// Read timeouts on a socket held as a File.
+trait ReadTimeout {
+    fn set_read_timeout_compat(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl ReadTimeout for File {
+    fn set_read_timeout_compat(&self, timeout: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: setsockopt reads a timeval of the given size.
+        let ret = unsafe {
+            libc::setsockopt(
+                self.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
