@@ -161,3 +161,60 @@ fn the_timeout_ends_the_run_with_124_and_nothing_is_left() {
         runtime.display()
     );
 }
+
+/// The run-time directory ligera uses (the tests run as root).
+fn runtime_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("ligera"))
+        .unwrap_or_else(|| "/run/ligera".into())
+}
+
+fn ligera(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(LIGERA).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_and_dead_sandboxes_are_handled_without_a_vm() {
+    let (code, _, err) = ligera(&["sandbox", "exec", "no-such-sandbox", "--", "true"]);
+    assert_eq!((code, err.lines().count()), (125, 1), "{err}");
+    assert!(
+        err.contains("no running sandbox named no-such-sandbox"),
+        "{err}"
+    );
+    let (code, _, err) = ligera(&["sandbox", "rm", "no-such-sandbox"]);
+    assert_eq!(code, 125, "{err}");
+    let (code, _, err) = ligera(&["sandbox", "create", "--name", "../escape"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("not a sandbox name"), "{err}");
+
+    // A sandbox whose ligera died (SIGKILL): its directory, with a pid
+    // that no longer runs.
+    let name = format!("dead-{}", std::process::id());
+    let dir = runtime_dir().join(format!("sb-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    std::fs::write(dir.join("pid"), dead_pid.to_string()).unwrap();
+    std::fs::write(
+        dir.join("info.json"),
+        format!(r#"{{"name":"{name}","image":"(default)","memory":268435456,"created":0}}"#),
+    )
+    .unwrap();
+    let (code, out, _) = ligera(&["sandbox", "ls"]);
+    assert_eq!(code, 0);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("dead") && row.contains("256 MiB"), "{row}");
+    let (code, out, err) = ligera(&["sandbox", "rm", &name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), name);
+    assert!(!dir.exists(), "rm removes what the dead sandbox left");
+}

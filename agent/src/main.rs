@@ -477,15 +477,18 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     });
 
     // Frames from the host, until the command has exited.
+    let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel();
+    let waiter_exited = exited.clone();
     let waiter = std::thread::spawn(move || {
         let status = wait_for(pid);
+        waiter_exited.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = done_tx.send(status);
     });
     let host_input = input.try_clone().map_err(FrameError::Io)?;
     let host_credit = credit.clone();
     let host_thread =
-        std::thread::spawn(move || host_frames(host_input, pid, stdin_tx, host_credit));
+        std::thread::spawn(move || host_frames(host_input, pid, stdin_tx, host_credit, exited));
     let status = done_rx.recv().unwrap_or(0);
     let _ = waiter.join();
     // Output still buffered in the pipes is sent; programs the command left
@@ -525,11 +528,19 @@ fn host_frames(
     pid: libc::pid_t,
     stdin: mpsc::Sender<Option<Vec<u8>>>,
     credit: Arc<Credit>,
+    exited: Arc<std::sync::atomic::AtomicBool>,
 ) {
     loop {
         let frame: Frame = match read_frame(&mut input) {
             Ok(f) => f,
             Err(_) => {
+                // The host is gone (or broke the protocol): nobody reads the
+                // command's output any more, so it ends too.
+                if !exited.load(std::sync::atomic::Ordering::SeqCst) {
+                    // SAFETY: kill(2) on the command's process group, which
+                    // has not been reaped yet.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
                 let _ = stdin.send(None);
                 return;
             }

@@ -54,7 +54,17 @@ fn run() -> i32 {
             }
             vm.exit_process(reason.code())
         }
-        Command::Sandbox(vmm::sandbox::SandboxCommand::Run(args)) => vmm::sandbox::run(args),
+        Command::Sandbox(sandbox) => {
+            use vmm::sandbox::{SandboxCommand, persistent, run};
+            match sandbox {
+                SandboxCommand::Run(args) => run(args),
+                SandboxCommand::Create(args) => persistent::create(args),
+                SandboxCommand::Exec(args) => persistent::exec(args),
+                SandboxCommand::Ls => persistent::ls(),
+                SandboxCommand::Rm(args) => persistent::rm(args),
+                SandboxCommand::Serve(args) => persistent::serve(args),
+            }
+        }
     }
 }
 

@@ -67,6 +67,27 @@ fn try_connect(socket: &Path) -> io::Result<UnixStream> {
     Ok(s)
 }
 
+/// Checks that the agent answers (the Hello exchange), then hangs up.
+pub fn ping(stream: UnixStream) -> Result<(), ClientError> {
+    let mut s = stream;
+    write_json(
+        &mut s,
+        Kind::Hello,
+        &Hello {
+            version: protocol::VERSION,
+        },
+    )?;
+    let hello: Hello = read_frame(&mut s)?.expect(Kind::Hello)?.json()?;
+    if hello.version != protocol::VERSION {
+        return Err(ClientError::Agent(format!(
+            "it speaks protocol version {}, ligera {}",
+            hello.version,
+            protocol::VERSION
+        )));
+    }
+    Ok(())
+}
+
 /// Credit the agent has granted us for stdin.
 struct Window {
     left: Mutex<u64>,
@@ -185,4 +206,102 @@ pub fn run_command(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent::protocol::{ExitStatus, write_json};
+
+    /// Plays a (possibly hostile) agent that sends `agent_bytes` after
+    /// reading the host's Hello; returns what the host made of it.
+    fn session(agent_bytes: Vec<u8>) -> (Result<ExitStatus, ClientError>, Vec<u8>) {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let player = std::thread::spawn(move || {
+            let _ = agent.write_all(&agent_bytes);
+            let _ = agent.shutdown(std::net::Shutdown::Write);
+            // Drain the host's frames until it hangs up.
+            let mut sink = Vec::new();
+            let _ = agent.read_to_end(&mut sink);
+        });
+        let mut out = Vec::new();
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        let result = run_command(host, &req, None, &mut out, io::sink());
+        let _ = player.join();
+        (result, out)
+    }
+
+    fn frames(list: &[(Kind, &[u8])]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_json(
+            &mut v,
+            Kind::Hello,
+            &Hello {
+                version: protocol::VERSION,
+            },
+        )
+        .unwrap();
+        for (k, p) in list {
+            write_frame(&mut v, *k, p).unwrap();
+        }
+        v
+    }
+
+    #[test]
+    fn a_well_behaved_agent() {
+        let exited = br#"{"code": 3, "signal": null, "error": null}"#;
+        let (r, out) = session(frames(&[(Kind::Stdout, b"hi\n"), (Kind::Exited, exited)]));
+        assert_eq!(r.unwrap().host_code(), 3);
+        assert_eq!(out, b"hi\n");
+    }
+
+    #[test]
+    fn a_hostile_agent_gets_an_error_never_a_panic() {
+        let mut huge = frames(&[]);
+        huge.extend_from_slice(&(u32::MAX).to_le_bytes());
+        huge.push(Kind::Stdout as u8);
+        let over_credit: Vec<(Kind, &[u8])> = vec![(Kind::Stdout, &[0u8; 1 << 20][..]); 1];
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("nothing at all", Vec::new()),
+            ("garbage", b"\x13\x37 not a frame at all".to_vec()),
+            ("an oversized frame", huge),
+            (
+                "an unknown kind",
+                frames(&[(Kind::Stdout, b"x")])
+                    .into_iter()
+                    .chain([1, 0, 0, 0, 200, 0])
+                    .collect(),
+            ),
+            (
+                "malformed exit JSON",
+                frames(&[(Kind::Exited, b"{\"code\": \"zero\"}")]),
+            ),
+            ("a host-only message", frames(&[(Kind::Exec, b"{}")])),
+            ("output beyond the credit", frames(&over_credit)),
+            ("a bad credit", frames(&[(Kind::Credit, b"12345")])),
+            (
+                "a truncated frame",
+                frames(&[(Kind::Stdout, b"abc")])[..15].to_vec(),
+            ),
+            ("a wrong hello", {
+                let mut v = Vec::new();
+                write_json(&mut v, Kind::Hello, &Hello { version: 99 }).unwrap();
+                v
+            }),
+        ];
+        for (what, bytes) in cases {
+            let (r, _) = session(bytes);
+            assert!(r.is_err(), "{what}: {r:?}");
+        }
+        // An error message is passed on, shortened.
+        let long = vec![b'e'; 5000];
+        let (r, _) = session(frames(&[(Kind::Error, &long)]));
+        match r {
+            Err(ClientError::Agent(text)) => assert_eq!(text.len(), 1000),
+            other => panic!("{other:?}"),
+        }
+    }
 }

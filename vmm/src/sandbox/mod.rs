@@ -10,6 +10,7 @@
 //! removed by the next run.
 
 pub mod client;
+pub mod persistent;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +40,7 @@ const BASE_ENV: [&str; 3] = [
     "HOSTNAME=sandbox",
 ];
 /// How long the guest may take to boot to its agent.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 const SANDBOX_EXAMPLES: &str = "\
 Examples:
@@ -61,10 +62,22 @@ pub enum SandboxCommand {
     /// Run a command in a new throwaway microVM and exit with its status.
     #[command(after_help = SANDBOX_EXAMPLES)]
     Run(SandboxRunArgs),
+    /// Start a sandbox in the background and print its name.
+    Create(persistent::CreateArgs),
+    /// Run a command in a running sandbox and exit with its status.
+    Exec(persistent::ExecArgs),
+    /// List the sandboxes: name, image, state, age, memory.
+    Ls,
+    /// End a sandbox and remove what it left (-f if it is still running).
+    Rm(persistent::RmArgs),
+    /// (internal) The background process of `sandbox create`.
+    #[command(hide = true)]
+    Serve(persistent::ServeArgs),
 }
 
-#[derive(Debug, clap::Args)]
-pub struct SandboxRunArgs {
+/// What the sandbox's VM is made of.
+#[derive(Clone, Debug, clap::Args)]
+pub struct VmOptions {
     /// Root file system: a directory (default: the busybox image setup builds).
     #[arg(long, value_name = "REF")]
     pub image: Option<PathBuf>,
@@ -77,7 +90,19 @@ pub struct SandboxRunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
 
-    /// End the run after this long (status 124): 30s, 5m, 1h, or seconds.
+    /// Guest kernel (default: the one resources/setup.sh built, in the cache).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Size of the writable layer the commands can fill.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub disk_size: u64,
+}
+
+/// How one command runs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExecOptions {
+    /// End the command after this long (status 124): 30s, 5m, 1h, or seconds.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
 
@@ -92,14 +117,35 @@ pub struct SandboxRunArgs {
     /// Run as UID[:GID] (default root).
     #[arg(long, short = 'u', value_name = "UID[:GID]", value_parser = parse_user)]
     pub user: Option<(u32, Option<u32>)>,
+}
 
-    /// Guest kernel (default: the one resources/setup.sh built, in the cache).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
+impl ExecOptions {
+    /// The agent's request for `argv`.
+    pub fn request(&self, argv: &[String]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.to_vec(),
+            env: BASE_ENV
+                .iter()
+                .map(|s| s.to_string())
+                .chain(self.env.iter().cloned())
+                .collect(),
+            cwd: self.workdir.clone(),
+            uid: self.user.map(|u| u.0),
+            gid: self.user.and_then(|u| u.1),
+            tty: false,
+            rows: None,
+            cols: None,
+        }
+    }
+}
 
-    /// Size of the writable layer the command can fill.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
-    pub disk_size: u64,
+#[derive(Debug, clap::Args)]
+pub struct SandboxRunArgs {
+    #[command(flatten)]
+    pub vm: VmOptions,
+
+    #[command(flatten)]
+    pub exec: ExecOptions,
 
     /// The command and its arguments (after --).
     #[arg(
@@ -168,7 +214,7 @@ pub fn runtime_dir() -> PathBuf {
 }
 
 /// A run directory, removed when dropped.
-struct RunDir(PathBuf);
+pub(crate) struct RunDir(pub PathBuf);
 
 impl Drop for RunDir {
     fn drop(&mut self) {
@@ -177,7 +223,7 @@ impl Drop for RunDir {
 }
 
 /// Removes run directories whose ligera is gone (killed with SIGKILL).
-fn remove_stale_runs(dir: &Path) {
+pub(crate) fn remove_stale_runs(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -200,7 +246,7 @@ fn remove_stale_runs(dir: &Path) {
     }
 }
 
-fn fail(message: impl std::fmt::Display) -> i32 {
+pub(crate) fn fail(message: impl std::fmt::Display) -> i32 {
     eprintln!("ligera: error: {message}");
     EXIT_SANDBOX_ERROR
 }
@@ -217,7 +263,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         return fail(format!("cannot create {}: {e}", run_dir.0.display()));
     }
 
-    let config = match prepare(&args, &run_dir.0) {
+    let config = match prepare(&args.vm, &run_dir.0) {
         Ok(c) => c,
         Err(message) => return fail(message),
     };
@@ -233,20 +279,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     };
     let control = vm.control();
 
-    let request = ExecRequest {
-        argv: args.command.clone(),
-        env: BASE_ENV
-            .iter()
-            .map(|s| s.to_string())
-            .chain(args.env.iter().cloned())
-            .collect(),
-        cwd: args.workdir.clone(),
-        uid: args.user.map(|u| u.0),
-        gid: args.user.and_then(|u| u.1),
-        tty: false,
-        rows: None,
-        cols: None,
-    };
+    let request = args.exec.request(&args.command);
     let outcome: Arc<Mutex<Option<Result<ExitStatus, client::ClientError>>>> = Arc::default();
     let finished = Arc::new(AtomicBool::new(false));
     let socket = run_dir.0.join("v.sock");
@@ -274,7 +307,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         }
     }
     let timed_out = Arc::new(AtomicBool::new(false));
-    if let Some(limit) = args.timeout {
+    if let Some(limit) = args.exec.timeout {
         let (timed_out, control, finished) = (timed_out.clone(), control.clone(), finished.clone());
         let _ = std::thread::Builder::new()
             .name("sandbox-timeout".into())
@@ -290,7 +323,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     let reason = vm.run();
     let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
     let code = if timed_out.load(Ordering::SeqCst) {
-        if let Some(limit) = args.timeout {
+        if let Some(limit) = args.exec.timeout {
             eprintln!("ligera: the command did not finish within {limit:?}");
         }
         EXIT_TIMEOUT
@@ -321,7 +354,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
 }
 
 /// The last lines of the guest's console, for an error message.
-fn console_tail(path: &Path) -> String {
+pub(crate) fn console_tail(path: &Path) -> String {
     let Ok(text) = std::fs::read_to_string(path) else {
         return String::new();
     };
@@ -333,8 +366,9 @@ fn console_tail(path: &Path) -> String {
     format!("; the guest's console ended with: {}", tail.join(" | "))
 }
 
-/// Resolves the kernel, image and agent, and builds the VM configuration.
-fn prepare(args: &SandboxRunArgs, run_dir: &Path) -> Result<VmConfig, String> {
+/// Resolves the kernel, image and agent, and builds the VM configuration
+/// with its run-time files in `run_dir`.
+pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<VmConfig, String> {
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => image::cache_dir()
