@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::LIGERA;
 use common::linux::{kernel, one_at_a_time, resources_output};
+use common::oci::{Entry, Layer, write_layout};
 
 struct Run {
     status: i32,
@@ -217,4 +218,45 @@ fn missing_and_dead_sandboxes_are_handled_without_a_vm() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), name);
     assert!(!dir.exists(), "rm removes what the dead sandbox left");
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn an_oci_image_runs_with_its_entrypoint_cmd_env_workdir_and_user() {
+    // Two layers: busybox and a few applets, then the working directory
+    // and a file the second layer's whiteout removes.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sandbox-oci-{}", std::process::id()));
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let base = Layer::gzip(&[
+        Entry::Dir("bin", 0o755),
+        Entry::File("bin/busybox", busybox, 0o755),
+        Entry::Symlink("bin/sh", "busybox"),
+        Entry::Symlink("bin/echo", "busybox"),
+        Entry::Symlink("bin/id", "busybox"),
+        Entry::Symlink("bin/ls", "busybox"),
+        Entry::Dir("work", 0o777),
+        Entry::File("work/old", b"gone".to_vec(), 0o644),
+    ]);
+    let top = Layer::plain(&[
+        Entry::File("work/.wh.old", Vec::new(), 0o644),
+        Entry::File("work/kept", b"here".to_vec(), 0o644),
+    ]);
+    let config = serde_json::json!({
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": ["echo \"$GREETING from $(pwd) as $(id -u):$(id -g), $(ls)\""],
+        "Env": ["GREETING=hello", "PATH=/bin"],
+        "WorkingDir": "/work",
+        "User": "1000:1000",
+    });
+    write_layout(&dir, &[base, top], config, "latest");
+    let r = sandbox(&["--image", dir.to_str().unwrap()], b"");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "hello from /work as 1000:1000, kept\n",
+        "{}",
+        r.stderr
+    );
 }

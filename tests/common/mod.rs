@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod linux;
+pub mod oci;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -15,6 +15,10 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub mod oci;
+
+pub use oci::RunConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{what} {}: {source}", path.display())]
@@ -43,6 +47,11 @@ pub enum ImageError {
     NoDefaultImage(PathBuf),
     #[error("image {}: {why}", path.display())]
     Unsupported { path: PathBuf, why: String },
+    #[error("image {}: {source}", path.display())]
+    Oci {
+        path: PathBuf,
+        source: oci::OciError,
+    },
 }
 
 type Result<T> = std::result::Result<T, ImageError>;
@@ -76,6 +85,59 @@ pub fn default_image() -> Result<PathBuf> {
     } else {
         Err(ImageError::NoDefaultImage(dir))
     }
+}
+
+/// The read-only disk for the image `reference` and its run configuration.
+/// The format is found from the content: a directory holding an OCI image
+/// layout (`DIR`, or `DIR:TAG` to pick a tagged manifest), or a plain root
+/// file system directory.
+pub fn image_disk(reference: &Path) -> Result<(PathBuf, RunConfig)> {
+    let (layout, tag) = split_tag(reference);
+    if oci::is_layout(&layout) {
+        let oci_err = |source| ImageError::Oci {
+            path: reference.to_path_buf(),
+            source,
+        };
+        let digest = oci::manifest_digest(&layout, tag.as_deref()).map_err(oci_err)?;
+        let key = digest.trim_start_matches("sha256:");
+        let key = &key[..16.min(key.len())];
+        let cache = cache_dir()?;
+        let disk = cache.join(format!("oci-{key}.ext4"));
+        let config_path = cache.join(format!("oci-{key}.json"));
+        if disk.exists()
+            && let Ok(bytes) = std::fs::read(&config_path)
+            && let Ok(config) = serde_json::from_slice(&bytes)
+        {
+            return Ok((disk, config));
+        }
+        let stage = tempdir_in(&cache, "oci-unpack")?;
+        let rootfs = stage.path.join("rootfs");
+        std::fs::create_dir(&rootfs).map_err(io_err("cannot unpack into", &rootfs))?;
+        eprintln!("ligera: unpacking image {} ({digest})", reference.display());
+        let config = oci::unpack(&layout, tag.as_deref(), &rootfs).map_err(oci_err)?;
+        let size = tree_size(&rootfs)?;
+        build_ext4(&rootfs, &disk, size)?;
+        let json = serde_json::to_vec(&config).map_err(|e| ImageError::Io {
+            what: "cannot record the image configuration",
+            path: config_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&config_path, json).map_err(io_err("cannot write", &config_path))?;
+        return Ok((disk, config));
+    }
+    Ok((rootfs_disk(reference)?, RunConfig::default()))
+}
+
+/// `DIR:TAG` when DIR is an image layout and the whole is not a path.
+fn split_tag(reference: &Path) -> (PathBuf, Option<String>) {
+    if !reference.exists()
+        && let Some(text) = reference.to_str()
+        && let Some((dir, tag)) = text.rsplit_once(':')
+        && oci::is_layout(Path::new(dir))
+    {
+        return (PathBuf::from(dir), Some(tag.to_string()));
+    }
+    (reference.to_path_buf(), None)
 }
 
 /// The read-only ext4 disk for the root file system in directory `rootfs`,

@@ -21,7 +21,7 @@ use agent::protocol::{ExecRequest, ExitStatus};
 
 use crate::config::{DiskConfig, SerialConfig, VmConfig, VsockConfig, parse_size};
 use crate::exit::ExitReason;
-use crate::image;
+use crate::image::{self, RunConfig};
 
 /// Status when ligera could not run the command (as `docker run` uses it).
 pub const EXIT_SANDBOX_ERROR: i32 = 125;
@@ -78,7 +78,8 @@ pub enum SandboxCommand {
 /// What the sandbox's VM is made of.
 #[derive(Clone, Debug, clap::Args)]
 pub struct VmOptions {
-    /// Root file system: a directory (default: the busybox image setup builds).
+    /// The image: an OCI image layout directory (DIR or DIR:TAG) or a root
+    /// file system directory (default: the busybox image setup builds).
     #[arg(long, value_name = "REF")]
     pub image: Option<PathBuf>,
 
@@ -120,22 +121,53 @@ pub struct ExecOptions {
 }
 
 impl ExecOptions {
-    /// The agent's request for `argv`.
-    pub fn request(&self, argv: &[String]) -> ExecRequest {
-        ExecRequest {
-            argv: argv.to_vec(),
-            env: BASE_ENV
-                .iter()
-                .map(|s| s.to_string())
-                .chain(self.env.iter().cloned())
-                .collect(),
-            cwd: self.workdir.clone(),
-            uid: self.user.map(|u| u.0),
-            gid: self.user.and_then(|u| u.1),
+    /// The agent's request for `command` in an image configured as
+    /// `image`, as `docker run` combines them: Entrypoint, then the command
+    /// (or the image's Cmd when none is given); the environment from
+    /// ligera's defaults, the image's Env, then `--env`, later ones winning;
+    /// `--workdir` and `--user` over the image's WorkingDir and User.
+    pub fn request(&self, command: &[String], image: &RunConfig) -> Result<ExecRequest, String> {
+        let mut argv = image.entrypoint.clone();
+        if command.is_empty() {
+            argv.extend(image.cmd.iter().cloned());
+        } else {
+            argv.extend(command.iter().cloned());
+        }
+        if argv.is_empty() {
+            return Err("no command: give one after --; the image has no Entrypoint or Cmd".into());
+        }
+        let mut env: Vec<String> = Vec::new();
+        let all = BASE_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .chain(image.env.iter().cloned())
+            .chain(self.env.iter().cloned());
+        for kv in all {
+            let key = kv
+                .split_once('=')
+                .map_or(kv.as_str(), |(k, _)| k)
+                .to_string();
+            env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+            env.push(kv);
+        }
+        let user = match (self.user, &image.user) {
+            (Some(u), _) => Some(u),
+            (None, Some(u)) if u == "root" => Some((0, None)),
+            (None, Some(u)) => Some(parse_user(u).map_err(|_| {
+                format!("the image's user '{u}' is not numeric (UID[:GID]); give --user")
+            })?),
+            (None, None) => None,
+        };
+        Ok(ExecRequest {
+            argv,
+            env,
+            cwd: self.workdir.clone().or_else(|| image.workdir.clone()),
+            uid: user.map(|u| u.0),
+            gid: user.and_then(|u| u.1),
             tty: false,
             rows: None,
             cols: None,
-        }
+        })
     }
 }
 
@@ -263,8 +295,12 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         return fail(format!("cannot create {}: {e}", run_dir.0.display()));
     }
 
-    let config = match prepare(&args.vm, &run_dir.0) {
+    let (config, image_config) = match prepare(&args.vm, &run_dir.0) {
         Ok(c) => c,
+        Err(message) => return fail(message),
+    };
+    let request = match args.exec.request(&args.command, &image_config) {
+        Ok(r) => r,
         Err(message) => return fail(message),
     };
     if let Err(e) = config.validate() {
@@ -279,7 +315,6 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     };
     let control = vm.control();
 
-    let request = args.exec.request(&args.command);
     let outcome: Arc<Mutex<Option<Result<ExitStatus, client::ClientError>>>> = Arc::default();
     let finished = Arc::new(AtomicBool::new(false));
     let socket = run_dir.0.join("v.sock");
@@ -368,7 +403,7 @@ pub(crate) fn console_tail(path: &Path) -> String {
 
 /// Resolves the kernel, image and agent, and builds the VM configuration
 /// with its run-time files in `run_dir`.
-pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<VmConfig, String> {
+pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, RunConfig), String> {
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => image::cache_dir()
@@ -385,7 +420,7 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<VmConfig, Stri
         Some(i) => i.clone(),
         None => image::default_image().map_err(|e| e.to_string())?,
     };
-    let image_disk = image::rootfs_disk(&rootfs).map_err(|e| e.to_string())?;
+    let (image_disk, image_config) = image::image_disk(&rootfs).map_err(|e| e.to_string())?;
     let agent = agent_binary()?;
     let agent_disk = image::agent_disk(&agent).map_err(|e| e.to_string())?;
     let scratch = run_dir.join("scratch.ext4");
@@ -395,7 +430,7 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<VmConfig, Stri
         readonly,
         id: Some(id.into()),
     };
-    Ok(VmConfig {
+    let config = VmConfig {
         cmdline: SANDBOX_CMDLINE.into(),
         vcpus: args.cpus,
         mem_size: args.memory,
@@ -410,7 +445,8 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<VmConfig, Stri
             socket: run_dir.join("v.sock"),
         }),
         ..VmConfig::new(kernel)
-    })
+    };
+    Ok((config, image_config))
 }
 
 /// The agent binary: `$LIGERA_AGENT`, else `ligera-agent` next to ligera.
@@ -444,6 +480,58 @@ mod tests {
         for bad in ["", "s", "5x", "-1s", "1.5s", "0"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn image_config_combines_as_docker_run_does() {
+        let image = RunConfig {
+            entrypoint: vec!["/bin/sh".into(), "-c".into()],
+            cmd: vec!["echo default".into()],
+            env: vec!["PATH=/bin".into(), "A=image".into()],
+            workdir: Some("/work".into()),
+            user: Some("1000:100".into()),
+        };
+        let none = ExecOptions {
+            timeout: None,
+            env: vec!["A=flag".into()],
+            workdir: None,
+            user: None,
+        };
+        let r = none.request(&[], &image).unwrap();
+        assert_eq!(r.argv, ["/bin/sh", "-c", "echo default"]);
+        assert_eq!(
+            r.env,
+            ["HOME=/root", "HOSTNAME=sandbox", "PATH=/bin", "A=flag"]
+        );
+        assert_eq!(
+            (r.cwd.as_deref(), r.uid, r.gid),
+            (Some("/work"), Some(1000), Some(100))
+        );
+        let r = none.request(&["echo mine".into()], &image).unwrap();
+        assert_eq!(
+            r.argv,
+            ["/bin/sh", "-c", "echo mine"],
+            "the command replaces Cmd"
+        );
+        let flags = ExecOptions {
+            workdir: Some("/tmp".into()),
+            user: Some((0, None)),
+            ..none.clone()
+        };
+        let r = flags.request(&[], &image).unwrap();
+        assert_eq!(
+            (r.cwd.as_deref(), r.uid, r.gid),
+            (Some("/tmp"), Some(0), None)
+        );
+        assert!(
+            none.request(&[], &RunConfig::default()).is_err(),
+            "no command at all"
+        );
+        let named = RunConfig {
+            user: Some("www-data".into()),
+            ..image
+        };
+        assert!(none.request(&[], &named).is_err());
     }
 
     #[test]

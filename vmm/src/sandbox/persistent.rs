@@ -24,6 +24,7 @@ use super::{
 };
 use crate::config::format_size;
 use crate::exit::EXIT_OK;
+use crate::image::RunConfig;
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
@@ -82,6 +83,9 @@ struct Info {
     memory: u64,
     /// Seconds since the epoch.
     created: u64,
+    /// The image's configuration, applied to each `exec`.
+    #[serde(default)]
+    config: RunConfig,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -212,7 +216,7 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
 /// `ligera sandbox serve`: the sandbox's VM, until `rm` or a signal ends it.
 pub fn serve(args: ServeArgs) -> i32 {
     let dir = RunDir(sandbox_dir(&args.name));
-    let mut config = match prepare(&args.vm, &dir.0) {
+    let (mut config, image_config) = match prepare(&args.vm, &dir.0) {
         Ok(c) => c,
         Err(message) => return fail(message),
     };
@@ -230,6 +234,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             .unwrap_or_else(|| "(default)".into()),
         memory: args.vm.memory,
         created: now(),
+        config: image_config,
     };
     let written = serde_json::to_vec(&info)
         .map_err(std::io::Error::other)
@@ -295,7 +300,15 @@ pub fn exec(args: ExecArgs) -> i32 {
             std::process::exit(EXIT_TIMEOUT);
         });
     }
-    let request = args.exec.request(&args.command);
+    let image_config = std::fs::read(dir.join("info.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Info>(&b).ok())
+        .map(|i| i.config)
+        .unwrap_or_default();
+    let request = match args.exec.request(&args.command, &image_config) {
+        Ok(r) => r,
+        Err(message) => return fail(message),
+    };
     match client::run_command(
         stream,
         &request,
