@@ -177,3 +177,45 @@ fn hostile_images_are_refused_and_write_nothing_outside() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn image_ls_rm_and_prune_manage_the_cache() {
+    let cache = scratch("cache");
+    for f in [
+        "oci-0123456789abcdef.ext4",
+        "oci-0123456789abcdef.json",
+        "rootfs-fedcba9876543210.ext4",
+        "agent-1111111111111111.ext4",
+    ] {
+        std::fs::write(cache.join(f), vec![1u8; 8192]).unwrap();
+    }
+    let ligera = |args: &[&str]| {
+        let out = std::process::Command::new(common::LIGERA)
+            .args(args)
+            .env("LIGERA_CACHE", &cache)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = ligera(&["image", "ls"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("oci-0123456789abcdef") && out.contains("rootfs-fedcba9876543210"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("agent-"),
+        "the agent's disk is not an image: {out}"
+    );
+    let (code, out) = ligera(&["image", "rm", "0123456789abcdef"]);
+    assert_eq!((code, out.trim()), (0, "oci-0123456789abcdef"));
+    assert!(!cache.join("oci-0123456789abcdef.json").exists());
+    assert_eq!(ligera(&["image", "rm", "nothing-like-it"]).0, 1);
+    let (code, out) = ligera(&["image", "prune"]);
+    assert_eq!((code, out.trim()), (0, "rootfs-fedcba9876543210"));
+    assert!(cache.join("agent-1111111111111111.ext4").exists());
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -49,6 +49,22 @@ pub enum Command {
     /// Run commands from an image in throwaway microVMs.
     #[command(subcommand)]
     Sandbox(crate::sandbox::SandboxCommand),
+    /// The image disks sandboxes use, cached in ~/.cache/ligera.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List the cached image disks: id, size on disk, last use.
+    Ls,
+    /// Remove a cached image disk (by id or its end).
+    Rm {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Remove every cached image disk.
+    Prune,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -179,7 +195,7 @@ mod tests {
         let cli = Cli::try_parse_from(args)?;
         match cli.command {
             Command::Run(run) => Ok(run.into_config()),
-            Command::Sandbox(_) => panic!("not a run command"),
+            _ => panic!("not a run command"),
         }
     }
 

@@ -54,6 +54,7 @@ fn run() -> i32 {
             }
             vm.exit_process(reason.code())
         }
+        Command::Image(cmd) => image_command(cmd),
         Command::Sandbox(sandbox) => {
             use vmm::sandbox::{SandboxCommand, persistent, run};
             match sandbox {
@@ -65,6 +66,51 @@ fn run() -> i32 {
                 SandboxCommand::Serve(args) => persistent::serve(args),
             }
         }
+    }
+}
+
+/// `ligera image ls|rm|prune`.
+fn image_command(cmd: vmm::cli::ImageCommand) -> i32 {
+    use vmm::cli::ImageCommand;
+    use vmm::image;
+    let fail = |e: image::ImageError| {
+        eprintln!("ligera: error: {e}");
+        EXIT_VMM_ERROR
+    };
+    match cmd {
+        ImageCommand::Ls => match image::cached_images() {
+            Ok(list) => {
+                println!("{:<28} {:>10} {:>10}", "ID", "SIZE", "UNUSED");
+                for i in list {
+                    println!(
+                        "{:<28} {:>10} {:>9}s",
+                        i.id,
+                        vmm::config::format_size(i.bytes.div_ceil(1 << 20) << 20),
+                        i.idle_secs
+                    );
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+        ImageCommand::Rm { id } => match image::remove_cached(Some(&id)) {
+            Ok(removed) if removed.is_empty() => {
+                eprintln!("ligera: error: no cached image {id}");
+                EXIT_VMM_ERROR
+            }
+            Ok(removed) => {
+                removed.iter().for_each(|r| println!("{r}"));
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+        ImageCommand::Prune => match image::remove_cached(None) {
+            Ok(removed) => {
+                removed.iter().for_each(|r| println!("{r}"));
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
     }
 }
 

@@ -347,3 +347,60 @@ pub fn tempdir_in(parent: &Path, prefix: &str) -> Result<TempDir> {
         std::io::ErrorKind::AlreadyExists.into(),
     ))
 }
+
+/// One cached image disk.
+pub struct CachedImage {
+    /// `oci-<digest prefix>` or `rootfs-<tree hash>`.
+    pub id: String,
+    pub disk: PathBuf,
+    pub bytes: u64,
+    /// Seconds since it was last used (its disk's access time).
+    pub idle_secs: u64,
+}
+
+/// The image disks in the cache (the agent's disk is not an image).
+pub fn cached_images() -> Result<Vec<CachedImage>> {
+    let dir = cache_dir()?;
+    let mut out = Vec::new();
+    let now = std::time::SystemTime::now();
+    for e in std::fs::read_dir(&dir)
+        .map_err(io_err("cannot read", &dir))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".ext4") else {
+            continue;
+        };
+        if !(id.starts_with("oci-") || id.starts_with("rootfs-")) {
+            continue;
+        }
+        let Ok(m) = e.metadata() else { continue };
+        let idle_secs = m
+            .accessed()
+            .ok()
+            .and_then(|a| now.duration_since(a).ok())
+            .map_or(0, |d| d.as_secs());
+        out.push(CachedImage {
+            id: id.to_string(),
+            disk: e.path(),
+            bytes: m.blocks() * 512,
+            idle_secs,
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Removes the cached image `id` (or every one, for `None`); returns the
+/// ids removed. A running sandbox keeps its open disk until it ends.
+pub fn remove_cached(id: Option<&str>) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for image in cached_images()? {
+        if id.is_none_or(|id| image.id == id || image.id.ends_with(id)) {
+            std::fs::remove_file(&image.disk).map_err(io_err("cannot remove", &image.disk))?;
+            let _ = std::fs::remove_file(image.disk.with_extension("json"));
+            removed.push(image.id);
+        }
+    }
+    Ok(removed)
+}

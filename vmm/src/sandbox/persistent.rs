@@ -53,9 +53,8 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub exec: ExecOptions,
 
-    /// The command and its arguments (after --).
+    /// The command and its arguments (after --; default: the image's Cmd).
     #[arg(
-        required = true,
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "CMD"
