@@ -260,3 +260,46 @@ fn an_oci_image_runs_with_its_entrypoint_cmd_env_workdir_and_user() {
         r.stderr
     );
 }
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn a_hostile_agent_ends_the_run_with_125() {
+    // tests/hostile-agent/hostile-agent.c boots in place of the agent.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/hostile-agent/hostile-agent.c");
+    let bin = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-agent");
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("gcc builds the hostile agent");
+    assert!(built.success());
+    let _one = one_at_a_time();
+    resources_output("build-sandbox-rootfs.sh", &[]);
+    let kernel = kernel("vmlinux");
+    let start = Instant::now();
+    let out = Command::new(LIGERA)
+        .args([
+            "sandbox",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--",
+            "true",
+        ])
+        .env("LIGERA_AGENT", &bin)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "hostile agent: {:?} after {:.1} s: {stderr}",
+        out.status,
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("broke the protocol"), "{stderr}");
+    assert!(stderr.contains("larger than"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
