@@ -309,17 +309,26 @@ static void vs_host_to_guest(struct vdev *d)
 	    accepted, (u64)got, fnv, (u64)echoed, (u64)host_done, (u64)rst);
 }
 
-/* Sets the device up and serves (b) only, calling `idle` while waiting. */
-void virtio_vsock_echo(struct vdev *d, void (*idle)(void))
+/* Negotiates, sets up the three queues, reads our CID and posts the RX
+ * buffers; returns 0 on success (DRIVER_OK is left to the caller). */
+static int vs_setup(struct vdev *d)
 {
 	if (virtio_negotiate(d, VIRTIO_F_VERSION_1) || virtio_queue(d, 0, RX_QSIZE) || virtio_queue(d, 1, 16) ||
 	    virtio_queue(d, 2, 16)) {
 		say("VIRTIO-VSOCK setup=failed\n");
-		return;
+		return -1;
 	}
 	vs_cid = (u64)vread32(d, VMMIO_CONFIG) | ((u64)vread32(d, VMMIO_CONFIG + 4) << 32);
 	for (int i = 0; i < RX_BUFS; i++)
 		rx_post(d, rx_bufs[i]);
+	return 0;
+}
+
+/* Sets the device up and serves (b) only, calling `idle` while waiting. */
+void virtio_vsock_echo(struct vdev *d, void (*idle)(void))
+{
+	if (vs_setup(d))
+		return;
 	virtio_ready(d);
 	vs_idle = idle;
 	vs_host_to_guest(d);
@@ -328,14 +337,8 @@ void virtio_vsock_echo(struct vdev *d, void (*idle)(void))
 
 void virtio_test_vsock(struct vdev *d)
 {
-	if (virtio_negotiate(d, VIRTIO_F_VERSION_1) || virtio_queue(d, 0, RX_QSIZE) || virtio_queue(d, 1, 16) ||
-	    virtio_queue(d, 2, 16)) {
-		say("VIRTIO-VSOCK setup=failed\n");
+	if (vs_setup(d))
 		return;
-	}
-	vs_cid = (u64)vread32(d, VMMIO_CONFIG) | ((u64)vread32(d, VMMIO_CONFIG + 4) << 32);
-	for (int i = 0; i < RX_BUFS; i++)
-		rx_post(d, rx_bufs[i]);
 	say("VIRTIO-VSOCK ready status=%x cid=%x\n", (u64)virtio_ready(d), vs_cid);
 	vs_guest_to_host(d);
 	vs_host_to_guest(d);

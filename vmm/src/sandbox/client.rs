@@ -68,16 +68,20 @@ fn try_connect(socket: &Path) -> io::Result<UnixStream> {
 }
 
 /// Checks that the agent answers (the Hello exchange), then hangs up.
-pub fn ping(stream: UnixStream) -> Result<(), ClientError> {
-    let mut s = stream;
+pub fn ping(mut stream: UnixStream) -> Result<(), ClientError> {
+    hello(&mut stream)
+}
+
+/// The Hello exchange that opens every session.
+fn hello(s: &mut UnixStream) -> Result<(), ClientError> {
     write_json(
-        &mut s,
+        s,
         Kind::Hello,
         &Hello {
             version: protocol::VERSION,
         },
     )?;
-    let hello: Hello = read_frame(&mut s)?.expect(Kind::Hello)?.json()?;
+    let hello: Hello = read_frame(s)?.expect(Kind::Hello)?.json()?;
     if hello.version != protocol::VERSION {
         return Err(ClientError::Agent(format!(
             "it speaks protocol version {}, ligera {}",
@@ -103,23 +107,10 @@ pub fn run_command(
     mut stdout: impl Write,
     mut stderr: impl Write,
 ) -> Result<ExitStatus, ClientError> {
+    let mut stream = stream;
+    hello(&mut stream)?;
     let mut input = stream.try_clone()?;
     let out = Arc::new(Mutex::new(stream));
-    write_json(
-        &mut *lock(&out),
-        Kind::Hello,
-        &Hello {
-            version: protocol::VERSION,
-        },
-    )?;
-    let hello: Hello = read_frame(&mut input)?.expect(Kind::Hello)?.json()?;
-    if hello.version != protocol::VERSION {
-        return Err(ClientError::Agent(format!(
-            "it speaks protocol version {}, ligera {}",
-            hello.version,
-            protocol::VERSION
-        )));
-    }
     write_json(&mut *lock(&out), Kind::Exec, req)?;
 
     // stdin on its own thread, within the agent's window.
