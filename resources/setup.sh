@@ -15,7 +15,9 @@ PACKAGES=(
     busybox-static                          # initramfs
     qemu-system-x86                         # the benchmark's peer
     iproute2 procps strace curl             # network tests, control socket tests, diagnostics
-    e2fsprogs                               # ext4 images for the Linux block test
+    e2fsprogs                               # ext4 images (Linux block test, sandbox images)
+    docker-registry skopeo apache2-utils    # image tests: a local registry, pushes, htpasswd
+    runc                                    # the sandbox benchmark's container peer
 )
 
 missing=()

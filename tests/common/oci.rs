@@ -163,3 +163,59 @@ pub fn write_layout(dir: &Path, layers: &[Layer], config: serde_json::Value, tag
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest_desc]});
     std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
 }
+
+/// Writes a classic `docker save` archive (tar) at `path`: `manifest.json`,
+/// the configuration named by its sha256, one `ID/layer.tar` per layer.
+/// `layers` are uncompressed tars; `mangle` may edit manifest.json's entry
+/// before it is written (hostile archives).
+pub fn write_docker_archive(
+    path: &Path,
+    layers: &[Vec<u8>],
+    config: serde_json::Value,
+    tag: &str,
+    mangle: impl FnOnce(&mut serde_json::Value, &mut tar::Builder<Vec<u8>>),
+) {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", hex(&Sha256::digest(l))))
+        .collect();
+    let image_config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string();
+    let config_name = format!("{}.json", hex(&Sha256::digest(image_config.as_bytes())));
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add(&mut b, &config_name, image_config.as_bytes());
+    let mut layer_names = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let name = format!("{i:064x}/layer.tar");
+        add(&mut b, &name, l);
+        layer_names.push(name);
+    }
+    let mut entry = serde_json::json!({
+        "Config": config_name,
+        "RepoTags": [format!("test/image:{tag}")],
+        "Layers": layer_names,
+    });
+    mangle(&mut entry, &mut b);
+    add(
+        &mut b,
+        "manifest.json",
+        serde_json::json!([entry]).to_string().as_bytes(),
+    );
+    std::fs::write(path, b.into_inner().unwrap()).unwrap();
+}
+
+/// A tar of the directory `dir` (an OCI archive when `dir` is a layout).
+pub fn tar_dir(dir: &Path, path: &Path) {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(".", dir).unwrap();
+    std::fs::write(path, b.into_inner().unwrap()).unwrap();
+}

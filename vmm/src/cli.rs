@@ -56,6 +56,12 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
+    /// Fetch and prepare an image (archive, layout, registry reference or
+    /// root file system) into the cache; prints its id.
+    Pull {
+        #[arg(value_name = "REF")]
+        reference: String,
+    },
     /// List the cached image disks: id, size on disk, last use.
     Ls,
     /// Remove a cached image disk (by id or its end).

@@ -69,7 +69,7 @@ fn run() -> i32 {
     }
 }
 
-/// `ligera image ls|rm|prune`.
+/// `ligera image pull|ls|rm|prune`.
 fn image_command(cmd: vmm::cli::ImageCommand) -> i32 {
     use vmm::cli::ImageCommand;
     use vmm::image;
@@ -78,6 +78,14 @@ fn image_command(cmd: vmm::cli::ImageCommand) -> i32 {
         EXIT_VMM_ERROR
     };
     match cmd {
+        ImageCommand::Pull { reference } => match image::image_disk(&reference) {
+            Ok((disk, _)) => {
+                let id = disk.file_stem().unwrap_or_default().to_string_lossy();
+                println!("{id}");
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
         ImageCommand::Ls => match image::cached_images() {
             Ok(list) => {
                 println!("{:<28} {:>10} {:>10}", "ID", "SIZE", "UNUSED");

@@ -15,7 +15,9 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub mod archive;
 pub mod oci;
+pub mod registry;
 
 pub use oci::RunConfig;
 
@@ -88,56 +90,183 @@ pub fn default_image() -> Result<PathBuf> {
 }
 
 /// The read-only disk for the image `reference` and its run configuration.
-/// The format is found from the content: a directory holding an OCI image
-/// layout (`DIR`, or `DIR:TAG` to pick a tagged manifest), or a plain root
-/// file system directory.
-pub fn image_disk(reference: &Path) -> Result<(PathBuf, RunConfig)> {
-    let (layout, tag) = split_tag(reference);
-    if oci::is_layout(&layout) {
-        let oci_err = |source| ImageError::Oci {
-            path: reference.to_path_buf(),
-            source,
-        };
-        let digest = oci::manifest_digest(&layout, tag.as_deref()).map_err(oci_err)?;
-        let key = digest.trim_start_matches("sha256:");
-        let key = &key[..16.min(key.len())];
-        let cache = cache_dir()?;
-        let disk = cache.join(format!("oci-{key}.ext4"));
-        let config_path = cache.join(format!("oci-{key}.json"));
+/// The format is found from the content, not the name: a directory holding
+/// an OCI image layout (`DIR`, or `DIR:TAG` to pick a tagged manifest), a
+/// plain root file system directory, a tar file (plain, gzip or zstd)
+/// holding an OCI layout, a `docker save` archive or a root file system
+/// (`FILE` or `FILE:TAG`), or else a registry reference
+/// (`HOST[:PORT]/NAME[:TAG|@DIGEST]`).
+pub fn image_disk(reference: &str) -> Result<(PathBuf, RunConfig)> {
+    let path = Path::new(reference);
+    let (path, tag) = match reference.rsplit_once(':') {
+        _ if path.exists() => (path, None),
+        Some((p, tag)) if !p.is_empty() && Path::new(p).exists() => (Path::new(p), Some(tag)),
+        _ => {
+            if let Some(r) = registry::Reference::parse(reference) {
+                return registry::pull(&r);
+            }
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                why: "no such file or directory, and not a registry reference \
+                      (HOST[:PORT]/NAME[:TAG|@DIGEST])"
+                    .into(),
+            });
+        }
+    };
+    let oci_err = |source| ImageError::Oci {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io_err("cannot read image", path))?;
+    if meta.is_dir() {
+        if oci::is_layout(path) {
+            let digest = oci::manifest_digest(path, tag).map_err(oci_err)?;
+            return cached_image(&image_id(&digest), reference, |rootfs| {
+                oci::unpack(path, tag, rootfs).map_err(oci_err)
+            });
+        }
+        if let Some(tag) = tag {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                why: format!("a root file system directory has no tags (:{tag})"),
+            });
+        }
+        return Ok((rootfs_disk(path)?, RunConfig::default()));
+    }
+    archive_disk(path, tag, reference)
+}
+
+/// `reference` with its path made absolute (`PATH` or `PATH:TAG`), for a
+/// process that runs elsewhere; registry references stay as they are.
+pub fn absolute(reference: &str) -> String {
+    if let Ok(p) = std::fs::canonicalize(reference) {
+        return p.display().to_string();
+    }
+    if let Some((path, tag)) = reference.rsplit_once(':')
+        && !path.is_empty()
+        && let Ok(p) = std::fs::canonicalize(path)
+    {
+        return format!("{}:{tag}", p.display());
+    }
+    reference.to_string()
+}
+
+/// The cache id of an image with manifest (or configuration) digest
+/// `digest`.
+fn image_id(digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    format!("oci-{}", &hex[..16.min(hex.len())])
+}
+
+/// The disk `ID.ext4` and configuration `ID.json` from the cache, or built
+/// by `unpack` (which fills the empty directory it is given) and cached.
+fn cached_image(
+    id: &str,
+    reference: &str,
+    unpack: impl FnOnce(&Path) -> Result<RunConfig>,
+) -> Result<(PathBuf, RunConfig)> {
+    let cache = cache_dir()?;
+    let disk = cache.join(format!("{id}.ext4"));
+    let config_path = cache.join(format!("{id}.json"));
+    if disk.exists()
+        && let Ok(bytes) = std::fs::read(&config_path)
+        && let Ok(config) = serde_json::from_slice(&bytes)
+    {
+        return Ok((disk, config));
+    }
+    let stage = tempdir_in(&cache, "unpack")?;
+    let rootfs = stage.path.join("rootfs");
+    std::fs::create_dir(&rootfs).map_err(io_err("cannot unpack into", &rootfs))?;
+    eprintln!("ligera: unpacking image {reference} ({id})");
+    let config = unpack(&rootfs)?;
+    publish(&rootfs, &disk, &config_path, &config)?;
+    Ok((disk, config))
+}
+
+/// Builds the disk for the root file system `rootfs` and records its
+/// configuration.
+fn publish(rootfs: &Path, disk: &Path, config_path: &Path, config: &RunConfig) -> Result<()> {
+    let size = tree_size(rootfs)?;
+    eprintln!(
+        "ligera: building its file system ({} MiB)",
+        size.div_ceil(1 << 20)
+    );
+    build_ext4(rootfs, disk, size)?;
+    let json = serde_json::to_vec(config).map_err(|e| ImageError::Io {
+        what: "cannot record the image configuration",
+        path: config_path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(config_path, json).map_err(io_err("cannot write", config_path))
+}
+
+/// The disk for the tar file `path`: an OCI layout, a `docker save`
+/// archive, or a root file system. Cached per image, and the archive's own
+/// sha256 remembers which image it held (`alias-*`), so a second run does
+/// not extract it again.
+fn archive_disk(path: &Path, tag: Option<&str>, reference: &str) -> Result<(PathBuf, RunConfig)> {
+    let oci_err = |source| ImageError::Oci {
+        path: path.to_path_buf(),
+        source,
+    };
+    let compression = archive::sniff(path)
+        .map_err(io_err("cannot read image", path))?
+        .ok_or_else(|| ImageError::Unsupported {
+            path: path.to_path_buf(),
+            why: "neither a directory nor a tar archive (plain, gzip or zstd)".into(),
+        })?;
+    let mut file = std::fs::File::open(path).map_err(io_err("cannot read image", path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io_err("cannot read image", path))?;
+    let mut key = hex(&hasher.finalize()[..8]);
+    if let Some(tag) = tag {
+        key = format!("{key}-{}", hex(&Sha256::digest(tag.as_bytes())[..4]));
+    }
+    let cache = cache_dir()?;
+    let alias = cache.join(format!("alias-{key}"));
+    if let Ok(id) = std::fs::read_to_string(&alias) {
+        let disk = cache.join(format!("{id}.ext4"));
         if disk.exists()
-            && let Ok(bytes) = std::fs::read(&config_path)
+            && let Ok(bytes) = std::fs::read(cache.join(format!("{id}.json")))
             && let Ok(config) = serde_json::from_slice(&bytes)
         {
             return Ok((disk, config));
         }
-        let stage = tempdir_in(&cache, "oci-unpack")?;
-        let rootfs = stage.path.join("rootfs");
-        std::fs::create_dir(&rootfs).map_err(io_err("cannot unpack into", &rootfs))?;
-        eprintln!("ligera: unpacking image {} ({digest})", reference.display());
-        let config = oci::unpack(&layout, tag.as_deref(), &rootfs).map_err(oci_err)?;
-        let size = tree_size(&rootfs)?;
-        build_ext4(&rootfs, &disk, size)?;
-        let json = serde_json::to_vec(&config).map_err(|e| ImageError::Io {
-            what: "cannot record the image configuration",
-            path: config_path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&config_path, json).map_err(io_err("cannot write", &config_path))?;
-        return Ok((disk, config));
     }
-    Ok((rootfs_disk(reference)?, RunConfig::default()))
-}
-
-/// `DIR:TAG` when DIR is an image layout and the whole is not a path.
-fn split_tag(reference: &Path) -> (PathBuf, Option<String>) {
-    if !reference.exists()
-        && let Some(text) = reference.to_str()
-        && let Some((dir, tag)) = text.rsplit_once(':')
-        && oci::is_layout(Path::new(dir))
-    {
-        return (PathBuf::from(dir), Some(tag.to_string()));
-    }
-    (reference.to_path_buf(), None)
+    let stage = tempdir_in(&cache, "archive")?;
+    let content = stage.path.join("archive");
+    std::fs::create_dir(&content).map_err(io_err("cannot unpack into", &content))?;
+    eprintln!("ligera: extracting archive {}", path.display());
+    archive::extract(path, compression, &content).map_err(oci_err)?;
+    let (id, result) = if oci::is_layout(&content) {
+        let id = image_id(&oci::manifest_digest(&content, tag).map_err(oci_err)?);
+        let r = cached_image(&id, reference, |rootfs| {
+            oci::unpack(&content, tag, rootfs).map_err(oci_err)
+        });
+        (id, r)
+    } else if archive::is_docker_archive(&content) {
+        let id = image_id(&archive::docker_image_id(&content, tag).map_err(oci_err)?);
+        let r = cached_image(&id, reference, |rootfs| {
+            archive::unpack_docker(&content, tag, rootfs).map_err(oci_err)
+        });
+        (id, r)
+    } else {
+        if let Some(tag) = tag {
+            return Err(ImageError::Unsupported {
+                path: path.to_path_buf(),
+                why: format!("a root file system archive has no tags (:{tag})"),
+            });
+        }
+        let id = format!("rootfs-{key}");
+        let disk = cache.join(format!("{id}.ext4"));
+        let config = RunConfig::default();
+        let r = publish(&content, &disk, &disk.with_extension("json"), &config)
+            .map(|()| (disk, config));
+        (id, r)
+    };
+    let result = result?;
+    std::fs::write(&alias, id).map_err(io_err("cannot write", &alias))?;
+    Ok(result)
 }
 
 /// The read-only ext4 disk for the root file system in directory `rootfs`,
@@ -400,6 +529,19 @@ pub fn remove_cached(id: Option<&str>) -> Result<Vec<String>> {
             std::fs::remove_file(&image.disk).map_err(io_err("cannot remove", &image.disk))?;
             let _ = std::fs::remove_file(image.disk.with_extension("json"));
             removed.push(image.id);
+        }
+    }
+    // Archives remembered as holding a removed image.
+    let dir = cache_dir()?;
+    for e in std::fs::read_dir(&dir)
+        .map_err(io_err("cannot read", &dir))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("alias-")
+            && let Ok(target) = std::fs::read_to_string(e.path())
+            && removed.contains(&target)
+        {
+            let _ = std::fs::remove_file(e.path());
         }
     }
     Ok(removed)

@@ -37,7 +37,7 @@ pub enum OciError {
 
 type Result<T> = std::result::Result<T, OciError>;
 
-fn bad(msg: impl Into<String>) -> OciError {
+pub(super) fn bad(msg: impl Into<String>) -> OciError {
     OciError::Bad(msg.into())
 }
 
@@ -116,11 +116,31 @@ fn check(d: &Descriptor, size: u64, digest: &[u8]) -> Result<()> {
 }
 
 /// A reader that hashes and counts what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-    limit: u64,
+pub(super) struct Hashing<R> {
+    pub(super) inner: R,
+    pub(super) hasher: Sha256,
+    pub(super) count: u64,
+    pub(super) limit: u64,
+}
+
+impl<R> Hashing<R> {
+    pub(super) fn new(inner: R, limit: u64) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+            limit,
+        }
+    }
+
+    /// The lowercase hex sha256 of what was read.
+    pub(super) fn hex(self) -> String {
+        self.hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -175,21 +195,23 @@ pub fn unpack(layout: &Path, tag: Option<&str>, dest: &Path) -> Result<RunConfig
     let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
         .map_err(|e| bad(format!("image configuration: {e}")))?;
 
-    let mut budget = Budget {
-        bytes: MAX_UNPACKED,
-        entries: MAX_ENTRIES,
-    };
+    let mut budget = Budget::image();
     for layer in manifest.layers() {
         apply_layer(layout, layer, dest, &mut budget)?;
     }
+    Ok(run_config(&config))
+}
+
+/// The parts of an image configuration `docker run` applies.
+pub(super) fn run_config(config: &ImageConfiguration) -> RunConfig {
     let c = config.config().clone().unwrap_or_default();
-    Ok(RunConfig {
+    RunConfig {
         entrypoint: c.entrypoint().clone().unwrap_or_default(),
         cmd: c.cmd().clone().unwrap_or_default(),
         env: c.env().clone().unwrap_or_default(),
         workdir: c.working_dir().clone().filter(|w| !w.is_empty()),
         user: c.user().clone().filter(|u| !u.is_empty()),
-    })
+    }
 }
 
 /// The manifest for `tag` (its `org.opencontainers.image.ref.name`), or
@@ -224,13 +246,23 @@ fn choose(manifests: &[Descriptor], tag: Option<&str>) -> Result<Descriptor> {
     }
 }
 
-struct Budget {
+/// What is left of an image's size and entry limits.
+pub(super) struct Budget {
     bytes: u64,
     entries: u64,
 }
 
+impl Budget {
+    pub(super) fn image() -> Self {
+        Budget {
+            bytes: MAX_UNPACKED,
+            entries: MAX_ENTRIES,
+        }
+    }
+}
+
 /// Checks that an entry's path stays inside the root; returns it relative.
-fn safe_path(raw: &Path) -> Result<PathBuf> {
+pub(super) fn safe_path(raw: &Path) -> Result<PathBuf> {
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -259,12 +291,7 @@ fn apply_layer(layout: &Path, layer: &Descriptor, dest: &Path, budget: &mut Budg
         what: format!("cannot open layer {}", path.display()),
         source,
     })?;
-    let mut hashing = Hashing {
-        inner: io::BufReader::new(file),
-        hasher: Sha256::new(),
-        count: 0,
-        limit: layer.size(),
-    };
+    let mut hashing = Hashing::new(io::BufReader::new(file), layer.size());
     let media = layer.media_type().to_string();
     {
         let stream: Box<dyn Read + '_> = if media.ends_with("gzip") {
@@ -295,7 +322,7 @@ fn apply_layer(layout: &Path, layer: &Descriptor, dest: &Path, budget: &mut Budg
 }
 
 /// Applies one layer's tar stream to `dest`.
-fn unpack_tar(stream: impl Read, dest: &Path, budget: &mut Budget) -> Result<()> {
+pub(super) fn unpack_tar(stream: impl Read, dest: &Path, budget: &mut Budget) -> Result<()> {
     let mut archive = tar::Archive::new(stream);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);

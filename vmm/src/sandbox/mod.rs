@@ -78,10 +78,12 @@ pub enum SandboxCommand {
 /// What the sandbox's VM is made of.
 #[derive(Clone, Debug, clap::Args)]
 pub struct VmOptions {
-    /// The image: an OCI image layout directory (DIR or DIR:TAG) or a root
-    /// file system directory (default: the busybox image setup builds).
+    /// The image: an OCI image layout (DIR or DIR:TAG), an OCI or
+    /// `docker save` archive (FILE or FILE:TAG), a registry reference
+    /// (HOST[:PORT]/NAME[:TAG|@DIGEST]), or a root file system directory or
+    /// tarball (default: the busybox image setup builds).
     #[arg(long, value_name = "REF")]
-    pub image: Option<PathBuf>,
+    pub image: Option<String>,
 
     /// vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -415,11 +417,14 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
             kernel.display()
         ));
     }
-    let rootfs = match &args.image {
+    let reference = match &args.image {
         Some(i) => i.clone(),
-        None => image::default_image().map_err(|e| e.to_string())?,
+        None => image::default_image()
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string(),
     };
-    let (image_disk, image_config) = image::image_disk(&rootfs).map_err(|e| e.to_string())?;
+    let (image_disk, image_config) = image::image_disk(&reference).map_err(|e| e.to_string())?;
     let agent = agent_binary()?;
     let agent_disk = image::agent_disk(&agent).map_err(|e| e.to_string())?;
     let scratch = run_dir.join("scratch.ext4");

@@ -202,8 +202,7 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
         format!("{}K", vm.disk_size / 1024),
     ];
     if let Some(i) = &vm.image {
-        let i = std::fs::canonicalize(i).unwrap_or_else(|_| i.clone());
-        a.extend(["--image".into(), i.display().to_string()]);
+        a.extend(["--image".into(), crate::image::absolute(i)]);
     }
     if let Some(k) = &vm.kernel {
         let k = std::fs::canonicalize(k).unwrap_or_else(|_| k.clone());
@@ -225,12 +224,7 @@ pub fn serve(args: ServeArgs) -> i32 {
     }
     let info = Info {
         name: args.name.clone(),
-        image: args
-            .vm
-            .image
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(default)".into()),
+        image: args.vm.image.clone().unwrap_or_else(|| "(default)".into()),
         memory: args.vm.memory,
         created: now(),
         config: image_config,
