@@ -303,3 +303,124 @@ fn a_hostile_agent_ends_the_run_with_125() {
     assert!(stderr.contains("larger than"), "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+/// The agent on the host (`ligera-agent --unix SOCKET --root DIR`).
+struct HostAgent {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HostAgent {
+    fn start(root: &std::path::Path, socket: std::path::PathBuf) -> HostAgent {
+        let agent = std::path::Path::new(LIGERA).with_file_name("ligera-agent");
+        let child = Command::new(&agent)
+            .arg("--unix")
+            .arg(&socket)
+            .arg("--root")
+            .arg(root)
+            .spawn()
+            .expect("ligera-agent (resources/test.sh builds it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the agent did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        HostAgent { child, socket }
+    }
+
+    fn session(
+        &self,
+        request: vmm::sandbox::client::Request<'_>,
+        stdin: Option<Box<dyn Read + Send>>,
+        stdout: impl Write,
+    ) -> (agent::protocol::ExitStatus, String) {
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        let mut err = Vec::new();
+        let st = vmm::sandbox::client::run_session(stream, request, stdin, stdout, &mut err)
+            .expect("session");
+        (st, String::from_utf8_lossy(&err).into_owned())
+    }
+}
+
+#[test]
+fn files_copy_in_and_out_through_the_agent() {
+    use agent::copy;
+    use vmm::sandbox::client::Request;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sandbox-cp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("guest-root");
+    std::fs::create_dir_all(root.join("srv")).unwrap();
+    // A guest symlink pointing at "/": resolved inside the guest's root.
+    std::os::unix::fs::symlink("/", root.join("srv/up")).unwrap();
+    let agent = HostAgent::start(&root, dir.join("agent.sock"));
+
+    let src = dir.join("tree");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let blob: Vec<u8> = (0..2_000_000u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+    std::fs::write(src.join("sub/blob"), &blob).unwrap();
+    std::fs::write(src.join("note"), b"hello").unwrap();
+    std::os::unix::fs::symlink("note", src.join("link")).unwrap();
+    let pack = |path: std::path::PathBuf| -> Box<dyn Read + Send> {
+        let (r, w) = std::io::pipe().unwrap();
+        std::thread::spawn(move || copy::pack(&path, w));
+        Box::new(r)
+    };
+
+    // In: into an existing directory, then to a new name.
+    let (st, err) = agent.session(
+        Request::CopyIn("/srv"),
+        Some(pack(src.clone())),
+        std::io::sink(),
+    );
+    assert_eq!(st.host_code(), 0, "{err}");
+    assert_eq!(std::fs::read(root.join("srv/tree/sub/blob")).unwrap(), blob);
+    assert_eq!(
+        std::fs::read_link(root.join("srv/tree/link")).unwrap(),
+        std::path::Path::new("note")
+    );
+    let (st, _) = agent.session(
+        Request::CopyIn("/srv/up/renamed"),
+        Some(pack(src.join("note"))),
+        std::io::sink(),
+    );
+    assert_eq!(st.host_code(), 0);
+    assert_eq!(
+        std::fs::read(root.join("renamed")).unwrap(),
+        b"hello",
+        "inside the root"
+    );
+    // Into a directory that does not exist: the agent's error, status 1.
+    let (st, err) = agent.session(
+        Request::CopyIn("/no/such/dir/x"),
+        Some(pack(src.join("note"))),
+        std::io::sink(),
+    );
+    assert!(
+        st.host_code() != 0 && err.contains("no such directory"),
+        "{err}"
+    );
+
+    // Out: the tree back, unpacked with the host-side rules.
+    let (r, w) = std::io::pipe().unwrap();
+    let out = dir.join("out");
+    let dest = out.clone();
+    let unpacker = std::thread::spawn(move || copy::unpack(r, &dest, copy::Limits::default()));
+    let (st, err) = agent.session(Request::CopyOut("/srv/tree"), None, w);
+    assert_eq!(st.host_code(), 0, "{err}");
+    unpacker.join().unwrap().unwrap();
+    assert_eq!(std::fs::read(out.join("sub/blob")).unwrap(), blob);
+    assert_eq!(std::fs::read(out.join("note")).unwrap(), b"hello");
+    // A path that is not there.
+    let (st, err) = agent.session(Request::CopyOut("/nothing"), None, std::io::sink());
+    assert!(st.host_code() != 0 && err.contains("/nothing"), "{err}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,4 +2,5 @@
 //! (`src/main.rs`), and the protocol it speaks with the host
 //! ([`protocol`]), which `ligera sandbox` uses from the other end.
 
+pub mod copy;
 pub mod protocol;

@@ -25,8 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use agent::protocol::{
-    self, ExecRequest, ExitStatus, Frame, FrameError, Hello, INITIAL_CREDIT, Kind, StartError,
-    StartErrorKind, read_frame, write_frame, write_json,
+    self, CopyRequest, ExecRequest, ExitStatus, Frame, FrameError, Hello, INITIAL_CREDIT, Kind,
+    Setup, StartError, StartErrorKind, read_frame, write_frame, write_json,
 };
 
 const ROOT: &str = "/mnt/root";
@@ -39,6 +39,10 @@ fn main() {
     let result = match args.get(1).map(String::as_str) {
         Some("--unix") if args.len() == 5 && args[3] == "--root" => {
             serve_unix(Path::new(&args[2]), PathBuf::from(&args[4]))
+        }
+        // The copy helpers the agent runs for CopyIn and CopyOut.
+        Some(mode @ ("--untar" | "--tar")) if args.len() == 4 => {
+            copy_helper(mode == "--untar", &args[2], Path::new(&args[3]))
         }
         None if std::process::id() == 1 => init().and_then(|()| serve_vsock(PathBuf::from(ROOT))),
         _ => Err(io::Error::other(
@@ -58,6 +62,24 @@ fn main() {
         }
     }
     std::process::exit(1);
+}
+
+/// `--untar ROOT DEST` (stdin into DEST) or `--tar ROOT PATH` (PATH to
+/// stdout), chrooted into ROOT first, so a symlink in the guest's tree
+/// resolves inside it.
+fn copy_helper(untar: bool, root: &str, path: &Path) -> io::Result<()> {
+    let c = CString::new(root).map_err(io::Error::other)?;
+    // SAFETY: chroot and chdir with valid NUL-terminated paths.
+    if unsafe { libc::chroot(c.as_ptr()) } != 0 || unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = if untar {
+        agent::copy::unpack(io::stdin().lock(), path, agent::copy::Limits::default())
+    } else {
+        agent::copy::pack(path, io::BufWriter::new(io::stdout().lock()))
+    };
+    result.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    std::process::exit(0)
 }
 
 // ---- init ---------------------------------------------------------------
@@ -388,14 +410,71 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             version: protocol::VERSION,
         },
     )?;
-    let req: ExecRequest = read_frame(input)?.expect(Kind::Exec)?.json()?;
+    let first = read_frame(input)?;
+    let (req, helper) = match first.kind {
+        Kind::Exec => (first.json::<ExecRequest>()?, false),
+        Kind::CopyIn | Kind::CopyOut => {
+            let copy: CopyRequest = first.json()?;
+            if !copy.path.starts_with('/') || copy.path.contains('\0') {
+                return Err(FrameError::Malformed {
+                    kind: first.kind,
+                    why: "the path must be absolute".into(),
+                });
+            }
+            let exe = std::env::current_exe().map_err(FrameError::Io)?;
+            let mode = if first.kind == Kind::CopyIn {
+                "--untar"
+            } else {
+                "--tar"
+            };
+            let argv = vec![
+                exe.display().to_string(),
+                mode.into(),
+                root.display().to_string(),
+                copy.path,
+            ];
+            (
+                ExecRequest {
+                    argv,
+                    ..Default::default()
+                },
+                true,
+            )
+        }
+        Kind::Setup => {
+            let setup: Setup = first.json()?;
+            let status = match apply_setup(&setup) {
+                Ok(()) => ExitStatus {
+                    code: Some(0),
+                    signal: None,
+                    error: None,
+                },
+                Err(e) => ExitStatus {
+                    code: None,
+                    signal: None,
+                    error: Some(StartError {
+                        kind: StartErrorKind::Other,
+                        message: e.to_string(),
+                    }),
+                },
+            };
+            send_json(out, Kind::Exited, &status)?;
+            return Ok(());
+        }
+        got => {
+            return Err(FrameError::Unexpected {
+                expected: Kind::Exec,
+                got,
+            });
+        }
+    };
     if let Err(why) = req.validate() {
         return Err(FrameError::Malformed {
             kind: Kind::Exec,
             why,
         });
     }
-    let mut child = match spawn(&req, root) {
+    let mut child = match spawn(&req, root, helper) {
         Ok(c) => c,
         Err(e) => {
             let kind = match e.kind() {
@@ -570,7 +649,43 @@ fn host_frames(
     }
 }
 
-fn spawn(req: &ExecRequest, root: &Path) -> io::Result<std::process::Child> {
+/// Sets the clock and feeds the RNG.
+fn apply_setup(setup: &Setup) -> io::Result<()> {
+    if let Some(ns) = setup.realtime_ns {
+        let ts = libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: clock_settime reads a valid timespec.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if !setup.entropy.is_empty() {
+        if setup.entropy.len() > 512 {
+            return Err(io::Error::other("more than 512 bytes of entropy"));
+        }
+        // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + setup.entropy.len());
+        info.extend_from_slice(&((setup.entropy.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(setup.entropy.len() as i32).to_ne_bytes());
+        info.extend_from_slice(&setup.entropy);
+        let random = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/random")?;
+        // RNDADDENTROPY = _IOW('R', 0x03, int[2])
+        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+        // SAFETY: the ioctl reads a rand_pool_info of the length it declares.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Starts the command chrooted into `root`, as its user, in its own
+/// session; a `helper` (the agent's own copy helpers) chroots itself.
+fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<std::process::Child> {
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
         .env_clear()
@@ -590,8 +705,7 @@ fn spawn(req: &ExecRequest, root: &Path) -> io::Result<std::process::Child> {
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0
-                || libc::chroot(root.as_ptr()) != 0
-                || libc::chdir(cwd.as_ptr()) != 0
+                || (!helper && (libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0))
             {
                 return Err(io::Error::last_os_error());
             }

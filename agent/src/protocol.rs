@@ -14,6 +14,11 @@
 //! A connection goes: host `Hello` → agent `Hello` → host `Exec` → then, in
 //! any order, host `Stdin`/`StdinEof`/`Signal`/`Resize`/`Credit` and agent
 //! `Stdout`/`Stderr`/`Credit`, until the agent's `Exited` (or `Error`).
+//! A copy runs the same way in place of `Exec`: `CopyIn` ([`CopyRequest`])
+//! with the tar stream (see `agent::copy`) as stdin, or `CopyOut` with the
+//! tar stream as stdout; its stderr says what went wrong, its status is 0 on
+//! success. `Setup` ([`Setup`]) sets the guest's clock and adds entropy to
+//! its RNG (after a snapshot restore), answered by `Exited`.
 //!
 //! Flow control both ways: a side may send only as many `Stdout`+`Stderr`
 //! (agent) or `Stdin` (host) payload bytes as the other side has granted
@@ -59,6 +64,9 @@ pub enum Kind {
     Exited = 9,
     Error = 10,
     Credit = 11,
+    CopyIn = 12,
+    CopyOut = 13,
+    Setup = 14,
 }
 
 impl Kind {
@@ -76,6 +84,9 @@ impl Kind {
             9 => Exited,
             10 => Error,
             11 => Credit,
+            12 => CopyIn,
+            13 => CopyOut,
+            14 => Setup,
             _ => return None,
         })
     }
@@ -278,6 +289,24 @@ impl ExitStatus {
             (None, None, None) => 125,
         }
     }
+}
+
+/// Copy a tree into (`CopyIn`) or out of (`CopyOut`) the guest's root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+}
+
+/// Bring a (restored) guest up to date.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub realtime_ns: Option<u64>,
+    /// Bytes to mix into the guest's RNG (at most 512), credited as entropy.
+    pub entropy: Vec<u8>,
 }
 
 /// A terminal size.

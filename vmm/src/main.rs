@@ -61,6 +61,7 @@ fn run() -> i32 {
                 SandboxCommand::Run(args) => run(args),
                 SandboxCommand::Create(args) => persistent::create(args),
                 SandboxCommand::Exec(args) => persistent::exec(args),
+                SandboxCommand::Cp(args) => persistent::cp(args),
                 SandboxCommand::Ls => persistent::ls(),
                 SandboxCommand::Rm(args) => persistent::rm(args),
                 SandboxCommand::Serve(args) => persistent::serve(args),

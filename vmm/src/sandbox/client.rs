@@ -14,8 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::protocol::{
-    self, ExecRequest, ExitStatus, FrameError, Hello, INITIAL_CREDIT, Kind, read_frame,
-    write_frame, write_json,
+    self, CopyRequest, ExecRequest, ExitStatus, FrameError, Hello, INITIAL_CREDIT, Kind, Setup,
+    read_frame, write_frame, write_json,
 };
 
 /// Why a command's session failed (ligera then exits with status 125).
@@ -98,11 +98,35 @@ struct Window {
     more: Condvar,
 }
 
+/// What a session asks of the agent.
+#[derive(Clone, Copy, Debug)]
+pub enum Request<'a> {
+    /// Run a command.
+    Exec(&'a ExecRequest),
+    /// Unpack the tar stream sent as stdin at this guest path.
+    CopyIn(&'a str),
+    /// Send this guest path as a tar stream on stdout.
+    CopyOut(&'a str),
+    /// Set the clock and feed the RNG.
+    Setup(&'a Setup),
+}
+
 /// Runs `req` on the agent at the other end of `stream`, with our stdin,
 /// stdout and stderr; returns its exit status.
 pub fn run_command(
     stream: UnixStream,
     req: &ExecRequest,
+    stdin: Option<Box<dyn Read + Send>>,
+    stdout: impl Write,
+    stderr: impl Write,
+) -> Result<ExitStatus, ClientError> {
+    run_session(stream, Request::Exec(req), stdin, stdout, stderr)
+}
+
+/// One session: `request`, then its data both ways until it ends.
+pub fn run_session(
+    stream: UnixStream,
+    request: Request<'_>,
     stdin: Option<Box<dyn Read + Send>>,
     mut stdout: impl Write,
     mut stderr: impl Write,
@@ -111,7 +135,19 @@ pub fn run_command(
     hello(&mut stream)?;
     let mut input = stream.try_clone()?;
     let out = Arc::new(Mutex::new(stream));
-    write_json(&mut *lock(&out), Kind::Exec, req)?;
+    match request {
+        Request::Exec(req) => write_json(&mut *lock(&out), Kind::Exec, req)?,
+        Request::CopyIn(path) | Request::CopyOut(path) => {
+            let kind = if matches!(request, Request::CopyIn(_)) {
+                Kind::CopyIn
+            } else {
+                Kind::CopyOut
+            };
+            let copy = CopyRequest { path: path.into() };
+            write_json(&mut *lock(&out), kind, &copy)?
+        }
+        Request::Setup(setup) => write_json(&mut *lock(&out), Kind::Setup, setup)?,
+    }
 
     // stdin on its own thread, within the agent's window.
     let window = Arc::new(Window {

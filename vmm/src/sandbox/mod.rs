@@ -66,6 +66,9 @@ pub enum SandboxCommand {
     Create(persistent::CreateArgs),
     /// Run a command in a running sandbox and exit with its status.
     Exec(persistent::ExecArgs),
+    /// Copy files and directories in (HOST_PATH NAME:/PATH) or out
+    /// (NAME:/PATH HOST_PATH).
+    Cp(persistent::CpArgs),
     /// List the sandboxes: name, image, state, age, memory.
     Ls,
     /// End a sandbox and remove what it left (-f if it is still running).

@@ -73,6 +73,16 @@ pub struct RmArgs {
     pub names: Vec<String>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CpArgs {
+    /// HOST_PATH (copy in) or NAME:GUEST_PATH (copy out).
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// NAME:GUEST_PATH (copy in) or HOST_PATH (copy out).
+    #[arg(value_name = "DEST")]
+    pub dest: String,
+}
+
 /// What `ls` shows of a sandbox, written by its `serve` process.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,15 +284,103 @@ pub fn serve(args: ServeArgs) -> i32 {
     vm.exit_process(reason.code())
 }
 
+/// A connection to the agent of the running sandbox `name`.
+fn connect_to(name: &str) -> Result<(PathBuf, std::os::unix::net::UnixStream), String> {
+    let dir = sandbox_dir(name);
+    if !valid_name(name) || live_pid(&dir).is_none() || !dir.join("ready").exists() {
+        return Err(format!("no running sandbox named {name}"));
+    }
+    let stream = client::connect(&dir.join("v.sock"), Duration::from_secs(10), || false)
+        .map_err(|e| e.to_string())?;
+    Ok((dir, stream))
+}
+
+/// `NAME:/PATH` as (name, path).
+fn guest_path(arg: &str) -> Option<(&str, &str)> {
+    let (name, path) = arg.split_once(':')?;
+    (valid_name(name) && path.starts_with('/')).then_some((name, path))
+}
+
+/// `ligera sandbox cp`: a tree in or out, as a tar stream through the
+/// agent; what comes out is unpacked with the image rules (nothing
+/// outside the destination, bounded size).
+pub fn cp(args: CpArgs) -> i32 {
+    use agent::copy;
+    let (copy_in, name, guest, host) = match (guest_path(&args.src), guest_path(&args.dest)) {
+        (None, Some((name, guest))) => (true, name, guest, PathBuf::from(&args.src)),
+        (Some((name, guest)), None) => (false, name, guest, PathBuf::from(&args.dest)),
+        _ => {
+            eprintln!("ligera: error: give one NAME:/GUEST_PATH and one host path");
+            return crate::exit::EXIT_USAGE;
+        }
+    };
+    if copy_in && let Err(e) = std::fs::symlink_metadata(&host) {
+        return fail(format!("{}: {e}", host.display()));
+    }
+    let (_, stream) = match connect_to(name) {
+        Ok(c) => c,
+        Err(message) => return fail(message),
+    };
+    let (reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let mut agent_err = Vec::new();
+    let (session, local) = if copy_in {
+        let src = host.clone();
+        let packer = std::thread::spawn(move || copy::pack(&src, writer));
+        let s = client::run_session(
+            stream,
+            client::Request::CopyIn(guest),
+            Some(Box::new(reader)),
+            std::io::sink(),
+            &mut agent_err,
+        );
+        (
+            s,
+            packer
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("panicked"))),
+        )
+    } else {
+        let dest = host.clone();
+        let unpacker =
+            std::thread::spawn(move || copy::unpack(reader, &dest, copy::Limits::default()));
+        let s = client::run_session(
+            stream,
+            client::Request::CopyOut(guest),
+            None,
+            writer,
+            &mut agent_err,
+        );
+        (
+            s,
+            unpacker
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("panicked"))),
+        )
+    };
+    let agent_err = String::from_utf8_lossy(&agent_err);
+    let agent_err: String = agent_err.trim().chars().take(1000).collect();
+    match session {
+        Err(e) => fail(e),
+        Ok(status) if status.host_code() != 0 => fail(format!(
+            "copying {} in the sandbox failed: {}",
+            guest,
+            agent_err.trim_start_matches("ligera-agent: ")
+        )),
+        Ok(_) => match local {
+            Ok(()) => EXIT_OK,
+            Err(e) => fail(format!("{}: {e}", host.display())),
+        },
+    }
+}
+
 /// `ligera sandbox exec`.
 pub fn exec(args: ExecArgs) -> i32 {
-    let dir = sandbox_dir(&args.name);
-    if !valid_name(&args.name) || live_pid(&dir).is_none() || !dir.join("ready").exists() {
-        return fail(format!("no running sandbox named {}", args.name));
-    }
-    let stream = match client::connect(&dir.join("v.sock"), Duration::from_secs(10), || false) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let (dir, stream) = match connect_to(&args.name) {
+        Ok(c) => c,
+        Err(message) => return fail(message),
     };
     if let Some(limit) = args.exec.timeout {
         // The agent ends the command when its connection goes.
