@@ -17,6 +17,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -148,6 +149,15 @@ fn init() -> io::Result<()> {
     mount("sysfs", "/mnt/root/sys", "sysfs", 0, "")?;
     mount("devtmpfs", "/mnt/root/dev", "devtmpfs", 0, "")?;
     mount("tmpfs", "/mnt/root/tmp", "tmpfs", 0, "mode=1777")?;
+    // Pseudo-terminals for `-t`: a private devpts instance.
+    std::fs::create_dir_all("/mnt/root/dev/pts")?;
+    mount(
+        "devpts",
+        "/mnt/root/dev/pts",
+        "devpts",
+        0,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
     let name = b"sandbox";
     // SAFETY: sethostname reads `name` for its length.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
@@ -474,7 +484,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             why,
         });
     }
-    let mut child = match spawn(&req, root, helper) {
+    let (mut child, master) = match spawn(&req, root, helper) {
         Ok(c) => c,
         Err(e) => {
             let kind = match e.kind() {
@@ -498,11 +508,17 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     let credit = Arc::new(Credit::new(INITIAL_CREDIT));
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
-    // Output: one reader per stream, sending as the host's credit allows.
+    // Output: one reader per stream (the terminal's master end for a
+    // tty), sending as the host's credit allows.
     let mut readers = Vec::new();
+    let master_out = master.as_ref().and_then(|m| m.try_clone().ok());
     for (pipe, kind) in [
         (
-            child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+            child
+                .stdout
+                .take()
+                .map(|p| File::from(OwnedFd::from(p)))
+                .or(master_out),
             Kind::Stdout,
         ),
         (
@@ -534,11 +550,23 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     // Input: written by its own thread, so a command that does not read
     // never blocks the frames from the host.
     let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>();
-    let stdin = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+    let stdin = child
+        .stdin
+        .take()
+        .map(|p| File::from(OwnedFd::from(p)))
+        .or_else(|| master.as_ref().and_then(|m| m.try_clone().ok()));
+    let tty = master.is_some();
     let stdin_out = out.clone();
     let stdin_thread = std::thread::spawn(move || {
         let Some(mut stdin) = stdin else { return };
-        while let Ok(Some(chunk)) = stdin_rx.recv() {
+        loop {
+            let chunk = match stdin_rx.recv() {
+                Ok(Some(chunk)) => chunk,
+                // A terminal stays open at the end of the host's input
+                // (closing the master would hang the command up).
+                Ok(None) if tty => continue,
+                _ => break,
+            };
             if stdin.write_all(&chunk).is_err() {
                 // The command closed its stdin: drop the rest, but keep
                 // granting credit so the host is never stuck.
@@ -566,8 +594,9 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     });
     let host_input = input.try_clone().map_err(FrameError::Io)?;
     let host_credit = credit.clone();
-    let host_thread =
-        std::thread::spawn(move || host_frames(host_input, pid, stdin_tx, host_credit, exited));
+    let host_thread = std::thread::spawn(move || {
+        host_frames(host_input, pid, stdin_tx, host_credit, exited, master)
+    });
     let status = done_rx.recv().unwrap_or(0);
     let _ = waiter.join();
     // Output still buffered in the pipes is sent; programs the command left
@@ -608,6 +637,7 @@ fn host_frames(
     stdin: mpsc::Sender<Option<Vec<u8>>>,
     credit: Arc<Credit>,
     exited: Arc<std::sync::atomic::AtomicBool>,
+    master: Option<File>,
 ) {
     loop {
         let frame: Frame = match read_frame(&mut input) {
@@ -634,6 +664,11 @@ fn host_frames(
             Kind::Credit => {
                 if let Ok(n) = frame.u32() {
                     credit.grant(n);
+                }
+            }
+            Kind::Resize => {
+                if let (Some(m), Ok(size)) = (&master, frame.json::<protocol::Resize>()) {
+                    set_window(m, size.rows, size.cols);
                 }
             }
             Kind::Signal => {
@@ -683,28 +718,140 @@ fn apply_setup(setup: &Setup) -> io::Result<()> {
     Ok(())
 }
 
+/// `NAME`, `NAME:GROUP`, `UID:GROUP` or `NAME:GID` from the image's
+/// `/etc/passwd` and `/etc/group` (uid, gid; the user's own group when none
+/// is named).
+fn lookup_user(root: &Path, spec: &str) -> io::Result<(u32, u32)> {
+    let table = |file: &str| -> Vec<Vec<String>> {
+        std::fs::read_to_string(root.join(file))
+            .unwrap_or_default()
+            .lines()
+            .take(100_000)
+            .map(|l| l.split(':').map(String::from).collect())
+            .collect()
+    };
+    let not_found = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unable to find {what} in the image"),
+        )
+    };
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = table("etc/passwd");
+    let (uid, own_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => passwd
+            .iter()
+            .find(|f| f.len() >= 4 && f[0] == user)
+            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .ok_or_else(|| not_found(&format!("user {user}")))?,
+    };
+    let gid = match group {
+        None => own_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => table("etc/group")
+                .iter()
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| not_found(&format!("group {g}")))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn set_window(master: &File, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+/// A new pseudo-terminal in `root`'s devpts (the agent's own instance in
+/// the guest, the host's in `--unix` mode): (master, slave).
+fn open_pty(root: &Path) -> io::Result<(File, File)> {
+    let private = root.join("dev/pts/ptmx");
+    let ptmx = if private.exists() {
+        private
+    } else {
+        root.join("dev/ptmx")
+    };
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&ptmx)?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int; TIOCGPTPEER opens the slave end.
+    let slave = unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok((master, unsafe { File::from_raw_fd(slave) }))
+}
+
 /// Starts the command chrooted into `root`, as its user, in its own
 /// session; a `helper` (the agent's own copy helpers) chroots itself.
-fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<std::process::Child> {
+/// With `tty`, on a new pseudo-terminal (returned: its master end).
+fn spawn(
+    req: &ExecRequest,
+    root: &Path,
+    helper: bool,
+) -> io::Result<(std::process::Child, Option<File>)> {
     let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(&req.argv[1..]).env_clear();
+    let master = if req.tty {
+        let (master, slave) = open_pty(root)?;
+        set_window(&master, req.rows.unwrap_or(24), req.cols.unwrap_or(80));
+        cmd.stdin(Stdio::from(OwnedFd::from(slave.try_clone()?)))
+            .stdout(Stdio::from(OwnedFd::from(slave.try_clone()?)))
+            .stderr(Stdio::from(OwnedFd::from(slave)));
+        Some(master)
+    } else {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        None
+    };
+    let tty = req.tty;
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {
             cmd.env(k, v);
         }
     }
+    let (uid, gid) = match (&req.uid, &req.user_name) {
+        (None, Some(name)) => {
+            let (u, g) = lookup_user(root, name)?;
+            (Some(u), Some(g))
+        }
+        _ => (req.uid, req.gid.or(req.uid)),
+    };
     let root = CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let cwd =
         CString::new(req.cwd.clone().unwrap_or_else(|| "/".into())).map_err(io::Error::other)?;
-    let (uid, gid) = (req.uid, req.gid.or(req.uid));
+
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0
+                || (tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0)
                 || (!helper && (libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0))
             {
                 return Err(io::Error::last_os_error());
@@ -722,5 +869,6 @@ fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<std::proces
             Ok(())
         });
     }
-    cmd.spawn()
+    let child = cmd.spawn()?;
+    Ok((child, master))
 }

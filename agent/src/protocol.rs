@@ -215,6 +215,11 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// A user given by name (`NAME`, `NAME:GROUP`, `UID:GROUP`), looked up
+    /// in the image's `/etc/passwd` and `/etc/group`; used when `uid` is
+    /// not set.
+    #[serde(default)]
+    pub user_name: Option<String>,
     /// Run on a pseudo-terminal.
     pub tty: bool,
     pub rows: Option<u16>,
@@ -230,7 +235,12 @@ impl ExecRequest {
         if self.argv.len() + self.env.len() > MAX_ARGS {
             return Err(format!("more than {MAX_ARGS} arguments and variables"));
         }
-        let all = self.argv.iter().chain(&self.env).chain(&self.cwd);
+        let all = self
+            .argv
+            .iter()
+            .chain(&self.env)
+            .chain(&self.cwd)
+            .chain(&self.user_name);
         if all
             .clone()
             .any(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))

@@ -44,6 +44,15 @@ fn agent(name: &str) -> Agent {
 /// Runs `argv` through the agent; returns stdout, stderr and the status.
 /// Grants credit only as it reads, like ligera.
 fn exec(a: &Agent, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        ..Default::default()
+    };
+    exec_req(a, &req, stdin)
+}
+
+fn exec_req(a: &Agent, req: &ExecRequest, stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus) {
     let mut s = UnixStream::connect(&a.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write_json(&mut s, Kind::Hello, &Hello { version: VERSION }).unwrap();
@@ -54,12 +63,7 @@ fn exec(a: &Agent, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus
         .json()
         .unwrap();
     assert_eq!(hello.version, VERSION);
-    let req = ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec!["PATH=/usr/bin:/bin".into()],
-        ..Default::default()
-    };
-    write_json(&mut s, Kind::Exec, &req).unwrap();
+    write_json(&mut s, Kind::Exec, req).unwrap();
     for chunk in stdin.chunks(60_000) {
         write_frame(&mut s, Kind::Stdin, chunk).unwrap();
     }
@@ -135,4 +139,56 @@ fn garbage_from_the_host_gets_an_error_not_a_crash() {
     // The agent still serves others.
     let (out, _, _) = exec(&a, &["echo", "still here"], b"");
     assert_eq!(out, b"still here\n");
+}
+
+#[test]
+fn terminals_and_user_names() {
+    let a = agent("tty");
+    let req = |argv: &[&str]| ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        ..Default::default()
+    };
+    let tty = ExecRequest {
+        tty: true,
+        rows: Some(33),
+        cols: Some(77),
+        ..req(&[
+            "sh",
+            "-c",
+            "tty; stty size; test -t 0 && test -t 2 && echo all-tty",
+        ])
+    };
+    let (out, err, st) = exec_req(&a, &tty, b"");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(st.host_code(), 0, "{out}");
+    assert!(err.is_empty(), "stderr goes to the terminal too");
+    assert!(
+        out.contains("/dev/pts/") && out.contains("33 77") && out.contains("all-tty"),
+        "{out}"
+    );
+    // Ctrl-C typed on the terminal reaches the command as SIGINT.
+    let ctrl_c = ExecRequest {
+        tty: true,
+        ..req(&["sh", "-c", "stty isig; sleep 0.3; read x; echo never"])
+    };
+    let (_, _, st) = exec_req(&a, &ctrl_c, b"\x03");
+    assert_eq!(st.host_code(), 130, "{st:?}");
+    // A user by name, from the root's /etc/passwd.
+    let nobody = ExecRequest {
+        user_name: Some("nobody".into()),
+        ..req(&["id", "-u"])
+    };
+    let (out, _, st) = exec_req(&a, &nobody, b"");
+    assert_eq!(
+        (st.host_code(), String::from_utf8_lossy(&out).trim()),
+        (0, "65534")
+    );
+    let ghost = ExecRequest {
+        user_name: Some("no-such-user".into()),
+        ..req(&["id"])
+    };
+    let (_, _, st) = exec_req(&a, &ghost, b"");
+    assert_eq!(st.host_code(), 125);
+    assert!(st.error.unwrap().message.contains("no-such-user"));
 }

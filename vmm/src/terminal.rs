@@ -18,6 +18,17 @@ pub struct RawTerminal(());
 impl RawTerminal {
     /// Switches `fd` to raw mode if it is a terminal; `None` if it is not.
     pub fn enter(fd: RawFd) -> std::io::Result<Option<RawTerminal>> {
+        Self::enter_mode(fd, true)
+    }
+
+    /// Raw mode with Ctrl-C, Ctrl-\ and Ctrl-Z passed on as bytes too (for
+    /// a terminal in the guest, whose line discipline turns them into
+    /// signals for the command).
+    pub fn enter_passing_signals(fd: RawFd) -> std::io::Result<Option<RawTerminal>> {
+        Self::enter_mode(fd, false)
+    }
+
+    fn enter_mode(fd: RawFd, keep_isig: bool) -> std::io::Result<Option<RawTerminal>> {
         // SAFETY: isatty only inspects the descriptor.
         if unsafe { libc::isatty(fd) } != 1 {
             return Ok(None);
@@ -40,6 +51,10 @@ impl RawTerminal {
             | libc::IXON);
         raw.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::IEXTEN);
         raw.c_cflag = (raw.c_cflag & !(libc::CSIZE | libc::PARENB)) | libc::CS8;
+        if !keep_isig {
+            raw.c_lflag &= !libc::ISIG;
+            raw.c_oflag &= !libc::OPOST;
+        }
         raw.c_cc[libc::VQUIT] = 0; // _POSIX_VDISABLE on Linux
         raw.c_cc[libc::VSUSP] = 0;
         raw.c_cc[libc::VMIN] = 1;

@@ -92,6 +92,15 @@ fn hello(s: &mut UnixStream) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The window size of the terminal `fd`: (rows, columns).
+pub fn window_size(fd: std::os::fd::RawFd) -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data; TIOCGWINSZ fills it.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize to the pointer.
+    let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
 /// Credit the agent has granted us for stdin.
 struct Window {
     left: Mutex<u64>,
@@ -136,7 +145,12 @@ pub fn run_session(
     let mut input = stream.try_clone()?;
     let out = Arc::new(Mutex::new(stream));
     match request {
-        Request::Exec(req) => write_json(&mut *lock(&out), Kind::Exec, req)?,
+        Request::Exec(req) => {
+            write_json(&mut *lock(&out), Kind::Exec, req)?;
+            if req.tty {
+                watch_window(out.clone());
+            }
+        }
         Request::CopyIn(path) | Request::CopyOut(path) => {
             let kind = if matches!(request, Request::CopyIn(_)) {
                 Kind::CopyIn
@@ -229,6 +243,32 @@ pub fn run_session(
             }
         }
     }
+}
+
+/// Passes the host terminal's size changes on (checked every 200 ms, so
+/// no signal handler is needed) until the session's socket closes.
+fn watch_window(out: Arc<Mutex<UnixStream>>) {
+    let _ = std::thread::Builder::new()
+        .name("sandbox-winsize".into())
+        .spawn(move || {
+            let mut last = window_size(libc::STDOUT_FILENO);
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let now = window_size(libc::STDOUT_FILENO);
+                if now != last
+                    && let Some((rows, cols)) = now
+                {
+                    let resize = protocol::Resize { rows, cols };
+                    if write_json(&mut *lock(&out), Kind::Resize, &resize).is_err() {
+                        return;
+                    }
+                }
+                last = now;
+                if Arc::strong_count(&out) == 1 {
+                    return;
+                }
+            }
+        });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -120,6 +120,11 @@ pub struct ExecOptions {
     #[arg(long, short = 'w', value_name = "DIR")]
     pub workdir: Option<String>,
 
+    /// Allocate a pseudo-terminal for the command (the host terminal goes
+    /// raw; Ctrl-C and window size changes reach the command).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+
     /// Run as UID[:GID] (default root).
     #[arg(long, short = 'u', value_name = "UID[:GID]", value_parser = parse_user)]
     pub user: Option<(u32, Option<u32>)>,
@@ -155,12 +160,23 @@ impl ExecOptions {
             env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
             env.push(kv);
         }
+        let size = self
+            .tty
+            .then(|| client::window_size(libc::STDOUT_FILENO))
+            .flatten();
+        // A numeric image user is applied here; a name is looked up by the
+        // agent in the image's /etc/passwd.
+        let mut user_name = None;
         let user = match (self.user, &image.user) {
             (Some(u), _) => Some(u),
             (None, Some(u)) if u == "root" => Some((0, None)),
-            (None, Some(u)) => Some(parse_user(u).map_err(|_| {
-                format!("the image's user '{u}' is not numeric (UID[:GID]); give --user")
-            })?),
+            (None, Some(u)) => match parse_user(u) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    user_name = Some(u.clone());
+                    None
+                }
+            },
             (None, None) => None,
         };
         Ok(ExecRequest {
@@ -169,9 +185,10 @@ impl ExecOptions {
             cwd: self.workdir.clone().or_else(|| image.workdir.clone()),
             uid: user.map(|u| u.0),
             gid: user.and_then(|u| u.1),
-            tty: false,
-            rows: None,
-            cols: None,
+            user_name,
+            tty: self.tty,
+            rows: size.map(|s| s.0),
+            cols: size.map(|s| s.1),
         })
     }
 }
@@ -359,7 +376,12 @@ pub fn run(args: SandboxRunArgs) -> i32 {
             });
     }
 
+    let raw = args
+        .exec
+        .tty
+        .then(|| crate::terminal::RawTerminal::enter_passing_signals(0));
     let reason = vm.run();
+    drop(raw);
     let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
     let code = if timed_out.load(Ordering::SeqCst) {
         if let Some(limit) = args.exec.timeout {

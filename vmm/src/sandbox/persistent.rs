@@ -386,6 +386,7 @@ pub fn exec(args: ExecArgs) -> i32 {
         // The agent ends the command when its connection goes.
         std::thread::spawn(move || {
             std::thread::sleep(limit);
+            crate::terminal::restore();
             eprintln!("ligera: the command did not finish within {limit:?}");
             let _ = std::io::stdout().flush();
             std::process::exit(EXIT_TIMEOUT);
@@ -400,13 +401,18 @@ pub fn exec(args: ExecArgs) -> i32 {
         Ok(r) => r,
         Err(message) => return fail(message),
     };
-    match client::run_command(
+    let raw = request
+        .tty
+        .then(|| crate::terminal::RawTerminal::enter_passing_signals(0));
+    let result = client::run_command(
         stream,
         &request,
         Some(Box::new(std::io::stdin())),
         std::io::stdout(),
         std::io::stderr(),
-    ) {
+    );
+    drop(raw);
+    match result {
         Ok(status) => {
             if let Some(e) = &status.error {
                 eprintln!("ligera: {}", e.message);
