@@ -424,3 +424,224 @@ fn files_copy_in_and_out_through_the_agent() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ligera ARGS` with stdin from `input`: (status, stdout bytes, stderr).
+fn ligera_with(args: &[&str], input: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut child = Command::new(LIGERA)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = feeder.join();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Ends the sandbox `name` however the test ends.
+struct Sandbox(String);
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = Command::new(LIGERA)
+            .args(["sandbox", "rm", "-f", &self.0])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn a_persistent_sandbox_serves_execs_copies_terminals_and_limits() {
+    let _one = one_at_a_time();
+    resources_output("build-sandbox-rootfs.sh", &[]);
+    let kernel = kernel("vmlinux");
+    let name = format!("e2e-{}", std::process::id());
+    let start = Instant::now();
+    let (code, out, err) = ligera_with(
+        &[
+            "sandbox",
+            "create",
+            "--name",
+            &name,
+            "--memory",
+            "128M",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let _sandbox = Sandbox(name.clone());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), name);
+    eprintln!("created in {:.1} s", start.elapsed().as_secs_f64());
+    let exec = |cmd: &[&str], input: &[u8]| {
+        let mut args = vec!["sandbox", "exec", &name, "--"];
+        args.extend_from_slice(cmd);
+        ligera_with(&args, input)
+    };
+
+    // cp in: a tree; its bytes arrive intact.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sandbox-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tree/sub")).unwrap();
+    let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+    std::fs::write(dir.join("tree/sub/blob"), &blob).unwrap();
+    let dest = format!("{name}:/tmp");
+    let (code, _, err) = ligera_with(
+        &["sandbox", "cp", dir.join("tree").to_str().unwrap(), &dest],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = exec(&["sh", "-c", "wc -c < /tmp/tree/sub/blob"], b"");
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).trim()),
+        (0, "1000000"),
+        "{err}"
+    );
+
+    // Several execs at once, each with its own streams and status.
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let script = format!("sleep 1; echo out-{i}; echo err-{i} >&2; exit {}", 40 + i);
+                ligera_with(&["sandbox", "exec", &name, "--", "sh", "-c", &script], b"")
+            })
+        })
+        .collect();
+    for (i, r) in runs.into_iter().enumerate() {
+        let (code, out, err) = r.join().unwrap();
+        assert_eq!(code, 40 + i as i32, "{err}");
+        assert_eq!(String::from_utf8_lossy(&out), format!("out-{i}\n"));
+        assert!(err.contains(&format!("err-{i}")), "{err}");
+    }
+
+    // cp out: what a command wrote, back on the host.
+    let (code, _, err) = exec(
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /out/d && echo made-inside > /out/d/f && cat /tmp/tree/sub/blob > /out/d/blob",
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    let back = dir.join("back");
+    let (code, _, err) = ligera_with(
+        &[
+            "sandbox",
+            "cp",
+            &format!("{name}:/out"),
+            back.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(back.join("d/f")).unwrap(), b"made-inside\n");
+    assert!(std::fs::read(back.join("d/blob")).unwrap() == blob);
+
+    // -t: a terminal in the guest, with the host terminal's size (under
+    // script(1), which gives ligera a pseudo-terminal of its own).
+    let inner =
+        format!("stty rows 41 cols 101; {LIGERA} sandbox exec -t {name} -- sh -c 'tty; stty size'");
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("/dev/pts/") && text.contains("41 101"),
+        "{text}"
+    );
+
+    // Runaway commands end at their timeout with 124; the sandbox lives on.
+    let timed = |secs: &str, script: &str| {
+        let start = Instant::now();
+        let r = ligera_with(
+            &[
+                "sandbox",
+                "exec",
+                "--timeout",
+                secs,
+                &name,
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+            b"",
+        );
+        eprintln!(
+            "{script}: {} after {:.1} s",
+            r.0,
+            start.elapsed().as_secs_f64()
+        );
+        r
+    };
+    let (code, out, err) = timed("20s", "while :; do echo spam; done");
+    assert_eq!(code, 124, "{err}");
+    assert!(out.starts_with(b"spam\n"), "output streamed until the end");
+    // The writable layer is bounded by --disk-size, on the host too.
+    let (code, _, err) = timed(
+        "15s",
+        "while :; do cat /tmp/tree/sub/blob >> /fill 2>/dev/null; done",
+    );
+    assert_eq!(code, 124, "{err}");
+    let scratch = runtime_dir().join(format!("sb-{name}/scratch.ext4"));
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&scratch).unwrap());
+    assert!(
+        blocks * 512 <= 64 << 20,
+        "scratch holds {} bytes",
+        blocks * 512
+    );
+
+    // Memory: more than the VM has ends in the guest with 137, reported.
+    let (code, _, err) = exec(
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/vm/overcommit_memory; exec dd if=/dev/zero of=/dev/null bs=100M count=1",
+        ],
+        b"",
+    );
+    assert_eq!(code, 137, "{err}");
+    assert!(err.contains("ran out of memory"), "{err}");
+    // The sandbox is still there afterwards.
+    let (code, out, _) = exec(&["echo", "alive"], b"");
+    assert_eq!((code, String::from_utf8_lossy(&out).trim()), (0, "alive"));
+
+    let (code, _, err) = ligera_with(&["sandbox", "rm", "-f", &name], b"");
+    assert_eq!(code, 0, "{err}");
+    assert!(!runtime_dir().join(format!("sb-{name}")).exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn a_fork_bomb_ends_at_the_timeout() {
+    let r = sandbox(
+        &[
+            "--timeout",
+            "20s",
+            "--",
+            "sh",
+            "-c",
+            "b() { b | b & }; b; sleep 1000",
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 124, "{}", r.stderr);
+}

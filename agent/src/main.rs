@@ -158,6 +158,9 @@ fn init() -> io::Result<()> {
         0,
         "newinstance,ptmxmode=0666,mode=0620",
     )?;
+    // The OOM killer takes a command, never the agent (commands get 0
+    // back in spawn).
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let name = b"sandbox";
     // SAFETY: sethostname reads `name` for its length.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
@@ -458,6 +461,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
                     code: Some(0),
                     signal: None,
                     error: None,
+                    oom_killed: false,
                 },
                 Err(e) => ExitStatus {
                     code: None,
@@ -466,6 +470,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
                         kind: StartErrorKind::Other,
                         message: e.to_string(),
                     }),
+                    oom_killed: false,
                 },
             };
             send_json(out, Kind::Exited, &status)?;
@@ -499,12 +504,14 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
                     kind,
                     message: format!("{}: {e}", req.argv[0]),
                 }),
+                oom_killed: false,
             };
             send_json(out, Kind::Exited, &status)?;
             return Ok(());
         }
     };
     let pid = child.id() as libc::pid_t;
+    let ooms_before = oom_kills();
     let credit = Arc::new(Credit::new(INITIAL_CREDIT));
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -616,12 +623,14 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             code: None,
             signal: Some(libc::WTERMSIG(status)),
             error: None,
+            oom_killed: libc::WTERMSIG(status) == libc::SIGKILL && oom_kills() > ooms_before,
         }
     } else {
         ExitStatus {
             code: Some(libc::WEXITSTATUS(status)),
             signal: None,
             error: None,
+            oom_killed: false,
         }
     };
     send_json(out, Kind::Exited, &exit)?;
@@ -682,6 +691,18 @@ fn host_frames(
             _ => {}
         }
     }
+}
+
+/// The kernel's count of OOM kills so far.
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Sets the clock and feeds the RNG.
@@ -847,9 +868,17 @@ fn spawn(
     let cwd =
         CString::new(req.cwd.clone().unwrap_or_else(|| "/".into())).map_err(io::Error::other)?;
 
+    let pid_one = std::process::id() == 1;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if pid_one {
+                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, c"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
             if libc::setsid() < 0
                 || (tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0)
                 || (!helper && (libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0))

@@ -263,6 +263,10 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// Why it could not be started.
     pub error: Option<StartError>,
+    /// The guest's kernel killed a process for want of memory while the
+    /// command ran (and the command died of SIGKILL).
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 /// Why a command could not be started, as `docker run` reports it.
@@ -392,6 +396,7 @@ mod tests {
                 kind,
                 message: String::new(),
             }),
+            oom_killed: false,
         };
         assert_eq!(st(Some(42), None, None).host_code(), 42);
         assert_eq!(st(None, Some(9), None).host_code(), 137);

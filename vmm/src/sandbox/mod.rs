@@ -390,12 +390,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         EXIT_TIMEOUT
     } else {
         match (result, &reason) {
-            (Some(Ok(status)), _) => {
-                if let Some(e) = &status.error {
-                    eprintln!("ligera: {}", e.message);
-                }
-                status.host_code()
-            }
+            (Some(Ok(status)), _) => report(&status),
             (_, ExitReason::Signal(sig)) => {
                 eprintln!("ligera: stopped by signal {sig}");
                 128 + sig
@@ -412,6 +407,19 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     };
     drop(run_dir);
     vm.exit_process(code)
+}
+
+/// Says why a command did not simply exit; returns its host status.
+pub(crate) fn report(status: &ExitStatus) -> i32 {
+    if let Some(e) = &status.error {
+        eprintln!("ligera: {}", e.message);
+    }
+    if status.oom_killed {
+        eprintln!(
+            "ligera: the command ran out of memory in the sandbox and was killed (give more --memory)"
+        );
+    }
+    status.host_code()
 }
 
 /// The last lines of the guest's console, for an error message.
@@ -525,6 +533,7 @@ mod tests {
             env: vec!["A=flag".into()],
             workdir: None,
             user: None,
+            tty: false,
         };
         let r = none.request(&[], &image).unwrap();
         assert_eq!(r.argv, ["/bin/sh", "-c", "echo default"]);

@@ -413,12 +413,7 @@ pub fn exec(args: ExecArgs) -> i32 {
     );
     drop(raw);
     match result {
-        Ok(status) => {
-            if let Some(e) = &status.error {
-                eprintln!("ligera: {}", e.message);
-            }
-            status.host_code()
-        }
+        Ok(status) => super::report(&status),
         Err(e) => fail(e),
     }
 }
