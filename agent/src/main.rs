@@ -511,7 +511,6 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
         }
     };
     let pid = child.id() as libc::pid_t;
-    let ooms_before = oom_kills();
     let credit = Arc::new(Credit::new(INITIAL_CREDIT));
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -623,7 +622,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             code: None,
             signal: Some(libc::WTERMSIG(status)),
             error: None,
-            oom_killed: libc::WTERMSIG(status) == libc::SIGKILL && oom_kills() > ooms_before,
+            oom_killed: libc::WTERMSIG(status) == libc::SIGKILL && oom_killed(pid),
         }
     } else {
         ExitStatus {
@@ -693,16 +692,32 @@ fn host_frames(
     }
 }
 
-/// The kernel's count of OOM kills so far.
-fn oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// Whether the kernel's log says its OOM killer took `pid` (or one of
+/// its process group, which the log cannot tell: the pid is what counts).
+fn oom_killed(pid: libc::pid_t) -> bool {
+    let Ok(kmsg) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return false;
+    };
+    let needle = format!("Killed process {pid} ");
+    let mut record = vec![0u8; 8192];
+    // One record per read; the buffer is small, so this ends quickly.
+    for _ in 0..10_000 {
+        match (&kmsg).read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => {
+                if String::from_utf8_lossy(&record[..n]).contains(&needle) {
+                    return true;
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    false
 }
 
 /// Sets the clock and feeds the RNG.
