@@ -608,6 +608,61 @@ fn a_persistent_sandbox_serves_execs_copies_terminals_and_limits() {
         blocks * 512
     );
 
+    // Not executable: 126.
+    let (code, _, err) = exec(&["/etc/passwd"], b"");
+    assert_eq!(code, 126, "{err}");
+
+    // -t: Ctrl-C typed on the host terminal reaches the command as SIGINT.
+    let inner = format!("{LIGERA} sandbox exec -t {name} -- sh -c 'echo ready; sleep 60'");
+    let mut script = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typed = script.stdin.take().unwrap();
+    let mut screen = script.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let n = screen.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "exec -t ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    typed.write_all(b"\x03").unwrap();
+    typed.flush().unwrap();
+    let status = script.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    // Setup (what a snapshot restore sends): the guest's clock follows,
+    // its RNG takes the bytes.
+    let socket = runtime_dir().join(format!("sb-{name}/v.sock"));
+    let stream = vmm::sandbox::client::connect(&socket, Duration::from_secs(10), || false).unwrap();
+    let setup = agent::protocol::Setup {
+        realtime_ns: Some(1_900_000_000 * 1_000_000_000),
+        entropy: vec![0x5a; 64],
+    };
+    let st = vmm::sandbox::client::run_session(
+        stream,
+        vmm::sandbox::client::Request::Setup(&setup),
+        None,
+        std::io::sink(),
+        std::io::sink(),
+    )
+    .unwrap();
+    assert_eq!(st.host_code(), 0, "{st:?}");
+    let (code, out, _) = exec(&["date", "-u", "+%Y"], b"");
+    assert_eq!((code, String::from_utf8_lossy(&out).trim()), (0, "2030"));
+
     // The sandbox is still there afterwards.
     let (code, out, _) = exec(&["echo", "alive"], b"");
     assert_eq!((code, String::from_utf8_lossy(&out).trim()), (0, "alive"));

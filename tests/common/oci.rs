@@ -89,6 +89,17 @@ fn blob(dir: &Path, media: &str, data: &[u8]) -> serde_json::Value {
     serde_json::json!({"mediaType": media, "digest": format!("sha256:{digest}"), "size": data.len()})
 }
 
+/// An image configuration (linux/amd64) with `config` and the layers'
+/// uncompressed digests.
+fn image_config(config: serde_json::Value, diff_ids: Vec<String>) -> serde_json::Value {
+    serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+}
+
 /// A layer as stored: its bytes and media type.
 pub struct Layer {
     pub bytes: Vec<u8>,
@@ -137,12 +148,7 @@ pub fn write_layout(dir: &Path, layers: &[Layer], config: serde_json::Value, tag
             format!("sha256:{}", hex(&Sha256::digest(&tar_bytes)))
         })
         .collect();
-    let image_config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
+    let image_config = image_config(config, diff_ids);
     let config_desc = blob(
         dir,
         "application/vnd.oci.image.config.v1+json",
@@ -179,13 +185,7 @@ pub fn write_docker_archive(
         .iter()
         .map(|l| format!("sha256:{}", hex(&Sha256::digest(l))))
         .collect();
-    let image_config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    })
-    .to_string();
+    let image_config = image_config(config, diff_ids).to_string();
     let config_name = format!("{}.json", hex(&Sha256::digest(image_config.as_bytes())));
     let mut b = tar::Builder::new(Vec::new());
     let add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
