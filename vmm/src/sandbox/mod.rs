@@ -569,7 +569,12 @@ mod tests {
             user: Some("www-data".into()),
             ..image
         };
-        assert!(none.request(&[], &named).is_err());
+        // A name goes to the agent, which looks it up in the image.
+        let r = none.request(&[], &named).unwrap();
+        assert_eq!(
+            (r.uid, r.gid, r.user_name.as_deref()),
+            (None, None, Some("www-data"))
+        );
     }
 
     #[test]
