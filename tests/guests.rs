@@ -428,8 +428,10 @@ fn guest_memory_costs_only_what_is_touched() {
     out.assert_ok();
     assert_eq!(out.field("TOUCHED", "mib"), "32", "0x32 = 50: {out}");
     let peak_mib = peak_kib / 1024;
+    // 50 MiB touched plus ligera's own (a debug build: 8-10 MiB here,
+    // varying with where huge pages fall), not 4 GiB.
     assert!(
-        (50..=58).contains(&peak_mib),
+        (50..=62).contains(&peak_mib),
         "peak RSS {peak_mib} MiB:\n{out}"
     );
 }

@@ -51,7 +51,7 @@ fn sandbox(args: &[&str], input: &[u8]) -> Run {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(600);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;

@@ -53,6 +53,8 @@ pub enum BuildError {
     Loader(#[from] LoaderError),
     #[error("--cmdline: {0}")]
     Cmdline(String),
+    #[error("{0}")]
+    Seccomp(String),
     #[error("cannot write boot data: {0}")]
     Boot(arch::Error),
     #[error("cannot open the serial output file {path}: {source}")]
@@ -110,6 +112,11 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
         &quirks,
     )?;
     let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot, &quirks)?;
+    if config.seccomp {
+        // The filters go on as each thread starts (before it runs guest
+        // code or reads guest bytes); here they are compiled, once.
+        crate::seccomp::enable().map_err(BuildError::Seccomp)?;
+    }
     log::debug!("VM built");
     Ok(Vm::new(VmParts {
         kvm,

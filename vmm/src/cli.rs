@@ -80,6 +80,17 @@ pub enum OnOffAuto {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Help for `--seccomp`, shared by `run` and the sandbox commands.
+pub const SECCOMP_HELP: &str = "Per-thread seccomp filters: each thread may make only the system \
+     calls its role needs, and any other call ends ligera with status 159. off is UNSAFE: a guest \
+     that escapes KVM into ligera can then make any system call ligera's user can";
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Guest kernel: ELF vmlinux (64-bit or PVH entry) or bzImage, detected from its content.
@@ -140,6 +151,9 @@ pub struct RunArgs {
     /// pause, resume, stop, Ctrl-Alt-Del, state and configuration.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+
+    #[arg(long, value_name = "MODE", default_value = "on", help = SECCOMP_HELP)]
+    pub seccomp: OnOff,
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -177,6 +191,7 @@ impl RunArgs {
             nets: self.net,
             vsock: self.vsock,
             api_socket: self.api_sock,
+            seccomp: self.seccomp == OnOff::On,
             ..VmConfig::new(self.kernel)
         }
     }

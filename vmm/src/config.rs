@@ -92,6 +92,13 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The control socket (`--api-sock`).
     pub api_socket: Option<PathBuf>,
+    /// Per-thread seccomp filters (`--seccomp off` turns them off).
+    #[serde(default = "on")]
+    pub seccomp: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 /// A configuration value that breaks a rule. The message names the
@@ -243,6 +250,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             api_socket: None,
+            seccomp: true,
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct DeviceManager {
     pub serial: Arc<Mutex<SerialConsole>>,
     pub i8042: Arc<Mutex<I8042>>,
     threads: Vec<DeviceThread>,
+    /// Where a device thread that cannot start reports it.
+    exit: Arc<ExitState>,
 }
 
 impl DeviceManager {
@@ -171,6 +173,7 @@ impl DeviceManager {
                 serial,
                 i8042,
                 threads,
+                exit: exit.clone(),
             },
             console,
         ))
@@ -190,10 +193,16 @@ impl DeviceManager {
             };
             let stop = t.stop.clone();
             let name = t.name.clone();
+            let exit = self.exit.clone();
             t.thread = Some(
                 std::thread::Builder::new()
                     .name(t.name.clone())
                     .spawn(move || {
+                        if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Block) {
+                            log::error!("{name}: {e}");
+                            exit.request(crate::exit::ExitReason::VmmError(format!("{name}: {e}")));
+                            return;
+                        }
                         while !stop.is_stopped() {
                             if let Err(e) = events.run() {
                                 log::error!("{name}: event loop failed: {e:?}");

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod logger;
 pub mod options;
 pub mod sandbox;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

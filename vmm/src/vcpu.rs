@@ -363,6 +363,11 @@ impl Vcpu {
     }
 
     fn run(mut self, shared: &Shared) {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vcpu) {
+            self.exit
+                .request(ExitReason::VmmError(format!("vCPU {}: {e}", self.index)));
+            return;
+        }
         // The kick signal is blocked in the threads that spawned us (so only
         // vCPU threads take it); take it here.
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {

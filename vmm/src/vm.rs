@@ -242,6 +242,7 @@ impl Vm {
             *state = VmState::Running;
         }
         log::debug!("vCPUs started");
+        crate::seccomp::install(crate::seccomp::Role::Vmm)?;
 
         let result = event_loop(&mut self.events, self.exit.clone(), signals);
         if let Err(e) = &result {
@@ -456,6 +457,10 @@ fn start_console_input(console: &Console) -> Result<(), String> {
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Console) {
+                log::error!("console input stopped: {e}");
+                return;
+            }
             let mut buf = [0u8; 64];
             loop {
                 let room = lock(&serial).input_capacity().min(buf.len());

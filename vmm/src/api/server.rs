@@ -121,7 +121,9 @@ pub enum ServerError {
 /// The server thread; dropping it stops the thread and removes the socket.
 pub struct ApiServer {
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    /// The thread gives the listener back, so the socket file is removed
+    /// by whoever stops it (the control thread's filter has no unlink).
+    thread: Option<JoinHandle<HostListener>>,
 }
 
 impl ApiServer {
@@ -145,7 +147,21 @@ impl ApiServer {
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(listener, thread_stop, handler))
+            .spawn(move || {
+                match crate::seccomp::install(crate::seccomp::Role::Api) {
+                    Ok(()) => {
+                        // A panic must not drop the listener here (see above).
+                        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            serve(&listener, thread_stop, handler)
+                        }));
+                        if served.is_err() {
+                            log::error!("the control socket's thread panicked");
+                        }
+                    }
+                    Err(e) => log::error!("control socket not served: {e}"),
+                }
+                listener
+            })
             .map_err(io)?;
         Ok(ApiServer {
             stop,
@@ -157,10 +173,9 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            log::error!("the control socket's thread panicked");
+        if let Some(t) = self.thread.take() {
+            // Dropping the listener here removes the socket file.
+            drop(t.join());
         }
     }
 }
@@ -332,7 +347,7 @@ fn parse(input: &[u8]) -> Parsed {
     }
 }
 
-fn serve(listener: HostListener, stop: Arc<EventFd>, mut handler: impl Handler) {
+fn serve(listener: &HostListener, stop: Arc<EventFd>, mut handler: impl Handler) {
     let mut conns: Vec<Connection> = Vec::new();
     loop {
         let now = Instant::now();
@@ -431,7 +446,7 @@ fn serve(listener: HostListener, stop: Arc<EventFd>, mut handler: impl Handler) 
         }
         conns = keep;
         if fds[1].revents != 0 {
-            accept(&listener, &mut conns, now);
+            accept(listener, &mut conns, now);
         }
     }
 }

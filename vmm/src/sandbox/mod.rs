@@ -103,6 +103,9 @@ pub struct VmOptions {
     /// Size of the writable layer the commands can fill.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub disk_size: u64,
+
+    #[arg(long, value_name = "MODE", default_value = "on", help = crate::cli::SECCOMP_HELP)]
+    pub seccomp: crate::cli::OnOff,
 }
 
 /// How one command runs.
@@ -335,6 +338,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         Err(e) => return fail(e),
     };
     let control = vm.control();
+    let console = open_console(&run_dir.0);
 
     let outcome: Arc<Mutex<Option<Result<ExitStatus, client::ClientError>>>> = Arc::default();
     let finished = Arc::new(AtomicBool::new(false));
@@ -344,6 +348,12 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         let spawned = std::thread::Builder::new()
             .name("sandbox".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Sandbox) {
+                    let e = client::ClientError::Io(std::io::Error::other(e));
+                    *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(e));
+                    control.request_stop(ExitReason::Stopped);
+                    return;
+                }
                 let stopped = || control.state() == crate::vm::VmState::Stopped;
                 let result = client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(|s| {
                     client::run_command(
@@ -368,6 +378,10 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         let _ = std::thread::Builder::new()
             .name("sandbox-timeout".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Sandbox) {
+                    control.request_stop(ExitReason::VmmError(e));
+                    return;
+                }
                 std::thread::sleep(limit);
                 if !finished.load(Ordering::SeqCst) {
                     timed_out.store(true, Ordering::SeqCst);
@@ -401,7 +415,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
                 reason
                     .message()
                     .unwrap_or_else(|| "the guest rebooted".into()),
-                console_tail(&run_dir.0.join("console.log"))
+                console_tail(console.as_ref())
             )),
         }
     };
@@ -422,11 +436,23 @@ pub(crate) fn report(status: &ExitStatus) -> i32 {
     status.host_code()
 }
 
+/// The guest's console log, opened for [`console_tail`] before the VM runs
+/// (its threads may not open files then).
+pub(crate) fn open_console(run_dir: &Path) -> Option<std::fs::File> {
+    std::fs::File::open(run_dir.join("console.log")).ok()
+}
+
 /// The last lines of the guest's console, for an error message.
-pub(crate) fn console_tail(path: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(path) else {
+pub(crate) fn console_tail(log: Option<&std::fs::File>) -> String {
+    use std::os::unix::fs::FileExt;
+    let Some(file) = log else {
         return String::new();
     };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(8192);
+    let mut buf = vec![0u8; (len - start) as usize];
+    let n = file.read_at(&mut buf, start).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     if lines.is_empty() {
         return String::new();
@@ -481,6 +507,7 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
             cid: 3,
             socket: run_dir.join("v.sock"),
         }),
+        seccomp: args.seccomp == crate::cli::OnOff::On,
         ..VmConfig::new(kernel)
     };
     Ok((config, image_config))

@@ -179,7 +179,7 @@ pub fn create(args: CreateArgs) -> i32 {
     };
     let deadline = Instant::now() + BOOT_TIMEOUT;
     loop {
-        if dir.join("ready").exists() {
+        if is_ready(&dir) {
             println!("{name}");
             return EXIT_OK;
         }
@@ -211,6 +211,9 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
         "--disk-size".into(),
         format!("{}K", vm.disk_size / 1024),
     ];
+    if vm.seccomp == crate::cli::OnOff::Off {
+        a.extend(["--seccomp".into(), "off".into()]);
+    }
     if let Some(i) = &vm.image {
         a.extend(["--image".into(), crate::image::absolute(i)]);
     }
@@ -260,14 +263,24 @@ pub fn serve(args: ServeArgs) -> i32 {
     // Ready once the agent answers.
     let control = vm.control();
     let socket = dir.0.join("v.sock");
-    let ready = dir.0.join("ready");
+    // Readiness is the mark file's content, written through a descriptor
+    // opened now: the thread's filter opens no files.
+    let ready = match std::fs::File::create(dir.0.join("ready")) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot write to {}: {e}", dir.0.display())),
+    };
+    let console = super::open_console(&dir.0);
     let _ = std::thread::Builder::new()
         .name("sandbox-ready".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Sandbox) {
+                control.request_stop(crate::exit::ExitReason::VmmError(e));
+                return;
+            }
             let stopped = || control.state() == crate::vm::VmState::Stopped;
             match client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(client::ping) {
                 Ok(()) => {
-                    let _ = std::fs::write(&ready, b"");
+                    let _ = (&ready).write_all(READY);
                 }
                 Err(e) => {
                     eprintln!("ligera: error: {e}");
@@ -278,16 +291,24 @@ pub fn serve(args: ServeArgs) -> i32 {
     let reason = vm.run();
     drop(api);
     if let Some(m) = reason.message() {
-        eprintln!("ligera: {m}{}", console_tail(&dir.0.join("console.log")));
+        eprintln!("ligera: {m}{}", console_tail(console.as_ref()));
     }
     drop(dir);
     vm.exit_process(reason.code())
 }
 
+/// What the `ready` file holds once the agent has answered.
+const READY: &[u8] = b"ready\n";
+
+/// Whether the sandbox in `dir` has answered (its `ready` file is written).
+fn is_ready(dir: &Path) -> bool {
+    std::fs::read(dir.join("ready")).is_ok_and(|c| c == READY)
+}
+
 /// A connection to the agent of the running sandbox `name`.
 fn connect_to(name: &str) -> Result<(PathBuf, std::os::unix::net::UnixStream), String> {
     let dir = sandbox_dir(name);
-    if !valid_name(name) || live_pid(&dir).is_none() || !dir.join("ready").exists() {
+    if !valid_name(name) || live_pid(&dir).is_none() || !is_ready(&dir) {
         return Err(format!("no running sandbox named {name}"));
     }
     let stream = client::connect(&dir.join("v.sock"), Duration::from_secs(10), || false)
@@ -441,7 +462,7 @@ pub fn ls() -> i32 {
         let info: Option<Info> = std::fs::read(dir.join("info.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let state = match (live_pid(&dir), dir.join("ready").exists()) {
+        let state = match (live_pid(&dir), is_ready(&dir)) {
             (Some(_), true) => "running",
             (Some(_), false) => "starting",
             (None, _) => "dead",

@@ -1,0 +1,583 @@
+//! Seccomp filters, one per thread role.
+//!
+//! Every thread of a process that runs a VM installs the filter of its role
+//! before it touches anything the guest controls: the vCPUs before their
+//! first `KVM_RUN`, the device threads before their first queue event, the
+//! event loop (the main thread) before it polls, the control socket and the
+//! sandbox client before they read a byte. What a role needs beyond its list
+//! (opening files, creating taps, registering signal handlers) is done
+//! before, while the VM is built.
+//!
+//! A call outside the filter traps: the kernel sends SIGSYS, whose handler
+//! writes one line naming the thread's role and the call, then ends the
+//! process with [`EXIT_BAD_SYSCALL`] (128 + SIGSYS, what a shell shows for a
+//! process killed by SIGSYS). Trap rather than kill-process because the line
+//! is what makes a missing entry diagnosable; it is not a way out: the
+//! handler cannot be replaced (`rt_sigaction` is in no list), and a thread
+//! that blocks SIGSYS is killed by the kernel's default action instead.
+
+mod names;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+/// Exit status when a thread makes a call outside its filter.
+pub const EXIT_BAD_SYSCALL: i32 = 128 + libc::SIGSYS;
+
+/// What a thread does, and so which calls it may make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// The main thread: the VMM event loop (vsock, net, rng, stop signals),
+    /// then stopping the VM, cleaning up and exiting.
+    Vmm,
+    /// A vCPU: `KVM_RUN` and the exits it handles (serial, MMIO, PIO).
+    Vcpu,
+    /// A block device's I/O thread.
+    Block,
+    /// The control socket (`--api-sock`).
+    Api,
+    /// Copies the host terminal to the guest's serial port.
+    Console,
+    /// The sandbox's host side of the agent protocol (and its helper
+    /// threads: stdin, window size, timeout, readiness).
+    Sandbox,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::Vmm,
+        Role::Vcpu,
+        Role::Block,
+        Role::Api,
+        Role::Console,
+        Role::Sandbox,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Vmm => "vmm",
+            Role::Vcpu => "vcpu",
+            Role::Block => "block",
+            Role::Api => "api",
+            Role::Console => "console",
+            Role::Sandbox => "sandbox",
+        }
+    }
+}
+
+/// The compiled filters, when seccomp is on for this process.
+static FILTERS: OnceLock<BTreeMap<Role, BpfProgram>> = OnceLock::new();
+
+thread_local! {
+    /// The role whose filter this thread runs under (for the SIGSYS line).
+    static ROLE: Cell<&'static str> = const { Cell::new("unfiltered") };
+}
+
+/// Compiles every role's filter and installs the SIGSYS handler: call once,
+/// while the VM is built, before any thread starts. Afterwards [`install`]
+/// applies filters; without this call it does nothing (`--seccomp off`).
+pub fn enable() -> Result<(), String> {
+    if FILTERS.get().is_some() {
+        return Ok(());
+    }
+    let mut filters = BTreeMap::new();
+    for role in Role::ALL {
+        filters.insert(role, compile(role)?);
+    }
+    install_sigsys_handler()?;
+    let _ = FILTERS.set(filters);
+    Ok(())
+}
+
+/// Puts the calling thread under `role`'s filter (if seccomp is enabled).
+/// Threads this one starts afterwards inherit it.
+pub fn install(role: Role) -> Result<(), String> {
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    apply(role, &filters[&role])
+}
+
+/// Applies `program` as `role`'s filter to the calling thread.
+pub fn apply(role: Role, program: &BpfProgram) -> Result<(), String> {
+    ROLE.with(|r| r.set(role.name()));
+    seccompiler::apply_filter(program)
+        .map_err(|e| format!("cannot install the {} seccomp filter: {e}", role.name()))
+}
+
+/// `role`'s filter as a BPF program.
+pub fn compile(role: Role) -> Result<BpfProgram, String> {
+    let rules = rules(role).map_err(|e| format!("{} seccomp rules: {e}", role.name()))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| format!("{} seccomp filter: {e}", role.name()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| format!("{} seccomp filter: {e}", role.name()))
+}
+
+/// The names of the calls `role` may make (some only with certain
+/// arguments), for the README and tests.
+pub fn allowed(role: Role) -> Vec<&'static str> {
+    allowed_with_checks(role)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// The calls `role` may make, each with whether its arguments are checked.
+pub fn allowed_with_checks(role: Role) -> Vec<(&'static str, bool)> {
+    let mut calls: Vec<_> = rules(role)
+        .map(|r| {
+            r.iter()
+                .map(|(&nr, rules)| {
+                    let name = names::NAMES.get(nr as usize).copied().unwrap_or("?");
+                    (name, !rules.is_empty())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    calls.sort();
+    calls
+}
+
+/// The threads that run under each role's filter.
+pub fn threads(role: Role) -> &'static str {
+    match role {
+        Role::Vmm => "the main thread (`ligera`): event loop, exit",
+        Role::Vcpu => "`vcpuN`",
+        Role::Block => "`blkN`",
+        Role::Api => "`api`",
+        Role::Console => "`console-in`",
+        Role::Sandbox => {
+            "`sandbox`, `sandbox-stdin`, `sandbox-winsize`, `sandbox-timeout`, `sandbox-ready`"
+        }
+    }
+}
+
+/// The README's table row for `role`.
+pub fn readme_row(role: Role) -> String {
+    let calls = allowed_with_checks(role);
+    let list: Vec<String> = calls
+        .iter()
+        .map(|(n, checked)| format!("`{n}`{}", if *checked { "*" } else { "" }))
+        .collect();
+    format!(
+        "| {} | {} | {} | {} |",
+        role.name(),
+        threads(role),
+        calls.len(),
+        list.join(" ")
+    )
+}
+
+// ---- the lists ------------------------------------------------------------
+
+/// Builds a rule map: a call allowed outright, or only when one of its
+/// rules (conditions on arguments, all true) matches.
+#[derive(Default)]
+struct List(BTreeMap<i64, Vec<SeccompRule>>);
+
+type Cond = (u8, Len, Op, u64);
+
+impl List {
+    fn allow(&mut self, calls: &[libc::c_long]) {
+        for &nr in calls {
+            self.0.insert(nr, Vec::new());
+        }
+    }
+
+    /// Allows `nr` when all of `conds` hold (one more alternative).
+    fn allow_if(
+        &mut self,
+        nr: libc::c_long,
+        conds: &[Cond],
+    ) -> Result<(), seccompiler::BackendError> {
+        let rule = SeccompRule::new(
+            conds
+                .iter()
+                .map(|(arg, len, op, value)| {
+                    SeccompCondition::new(*arg, len.clone(), op.clone(), *value)
+                })
+                .collect::<Result<_, _>>()?,
+        )?;
+        match self.0.get_mut(&nr) {
+            // Already allowed outright.
+            Some(rules) if rules.is_empty() => {}
+            Some(rules) => rules.push(rule),
+            None => {
+                self.0.insert(nr, vec![rule]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allows `nr` when argument `arg` is one of `values`.
+    fn allow_values(
+        &mut self,
+        nr: libc::c_long,
+        arg: u8,
+        values: &[u64],
+    ) -> Result<(), seccompiler::BackendError> {
+        for &v in values {
+            self.allow_if(nr, &[(arg, Len::Dword, Op::Eq, v)])?;
+        }
+        Ok(())
+    }
+}
+
+fn no_exec(arg: u8) -> Cond {
+    (arg, Len::Dword, Op::MaskedEq(libc::PROT_EXEC as u64), 0)
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_TRANSLATE,
+    kvm_bindings::KVMIO,
+    0x85,
+    kvm_bindings::kvm_translation
+);
+
+fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    use libc::*;
+    let mut l = List::default();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { getpid() } as u64;
+
+    // Every thread: memory (never executable), locks, its own signals and
+    // exit, time, randomness (std's hash maps), writing to the descriptors
+    // it holds (stderr for errors).
+    l.allow(&[
+        SYS_read,
+        SYS_write,
+        SYS_close,
+        SYS_futex,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_brk,
+        SYS_madvise,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_sigaltstack,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_sched_yield,
+        SYS_clock_gettime,
+        SYS_clock_nanosleep,
+        SYS_nanosleep,
+        SYS_getrandom,
+        SYS_gettid,
+        SYS_getpid,
+        SYS_restart_syscall,
+    ]);
+    l.allow_if(SYS_mmap, &[no_exec(2)])?;
+    l.allow_if(SYS_mprotect, &[no_exec(2)])?;
+    // Descriptor flags, and duplicating a descriptor already held (event
+    // fds are cloned so two sides can signal).
+    l.allow_values(
+        SYS_fcntl,
+        1,
+        &[
+            F_GETFD as u64,
+            F_SETFD as u64,
+            F_GETFL as u64,
+            F_SETFL as u64,
+            F_DUPFD_CLOEXEC as u64,
+        ],
+    )?;
+    // Signals only to our own threads (vCPU kicks, abort).
+    l.allow_if(SYS_tgkill, &[(0, Len::Dword, Op::Eq, pid)])?;
+
+    // Unix sockets: the vsock host side, the control socket, the agent.
+    let unix_sockets = |l: &mut List| -> Result<(), seccompiler::BackendError> {
+        l.allow_values(SYS_socket, 0, &[AF_UNIX as u64])?;
+        l.allow(&[
+            SYS_connect,
+            SYS_accept4,
+            SYS_recvfrom,
+            SYS_sendto,
+            SYS_recvmsg,
+            SYS_sendmsg,
+            SYS_shutdown,
+            SYS_getsockopt,
+            SYS_poll,
+            SYS_ppoll,
+        ]);
+        l.allow_values(SYS_ioctl, 1, &[FIONBIO])?;
+        l.allow_if(
+            SYS_setsockopt,
+            &[
+                (1, Len::Dword, Op::Eq, SOL_SOCKET as u64),
+                (2, Len::Dword, Op::Eq, SO_RCVTIMEO as u64),
+            ],
+        )?;
+        l.allow_if(
+            SYS_setsockopt,
+            &[
+                (1, Len::Dword, Op::Eq, SOL_SOCKET as u64),
+                (2, Len::Dword, Op::Eq, SO_SNDTIMEO as u64),
+            ],
+        )
+    };
+    let epoll = |l: &mut List| {
+        l.allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl]);
+    };
+    // Starting threads (the sandbox client starts its stdin and window-size
+    // threads): clone3's flags are in memory, out of a filter's reach.
+    let threads = |l: &mut List| -> Result<(), seccompiler::BackendError> {
+        l.allow(&[
+            SYS_clone3,
+            SYS_set_robust_list,
+            SYS_rseq,
+            SYS_sched_getaffinity,
+        ]);
+        l.allow_values(SYS_prctl, 0, &[PR_SET_NAME as u64])
+    };
+    let terminal = |l: &mut List| -> Result<(), seccompiler::BackendError> {
+        l.allow_values(
+            SYS_ioctl,
+            1,
+            &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ],
+        )
+    };
+
+    match role {
+        Role::Vcpu => {
+            // KVM_RUN, and what describes a fatal exit.
+            l.allow_values(
+                SYS_ioctl,
+                1,
+                &[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_TRANSLATE()],
+            )?;
+            l.allow(&[SYS_writev]);
+        }
+        Role::Block => {
+            epoll(&mut l);
+            // poll: the loop's check for its stop event.
+            l.allow(&[
+                SYS_poll,
+                SYS_pread64,
+                SYS_pwrite64,
+                SYS_preadv,
+                SYS_pwritev,
+                SYS_fsync,
+                SYS_fdatasync,
+                SYS_fallocate,
+            ]);
+        }
+        Role::Vmm => {
+            epoll(&mut l);
+            unix_sockets(&mut l)?;
+            terminal(&mut l)?;
+            // Tap frames and their offload settings (set on activation).
+            l.allow(&[SYS_readv, SYS_writev]);
+            l.allow_values(SYS_ioctl, 1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ])?;
+            // Cleaning up: our sockets and the run directory. Directories
+            // may be opened (to empty them), never files.
+            l.allow(&[
+                SYS_unlink,
+                SYS_unlinkat,
+                SYS_rmdir,
+                SYS_getdents64,
+                SYS_newfstatat,
+                SYS_statx,
+                SYS_fstat,
+                SYS_lseek,
+                // The console log's tail, for an error message.
+                SYS_pread64,
+            ]);
+            let open_mask = (O_DIRECTORY | O_CREAT | O_WRONLY | O_RDWR | O_TRUNC) as u64;
+            l.allow_if(
+                SYS_openat,
+                &[(2, Len::Dword, Op::MaskedEq(open_mask), O_DIRECTORY as u64)],
+            )?;
+            // The teardown child (vm.rs: hand_off_teardown) and what it does.
+            l.allow_if(
+                SYS_clone,
+                &[(0, Len::Qword, Op::Eq, (CLONE_VM | SIGCHLD) as u64)],
+            )?;
+            l.allow(&[SYS_close_range, SYS_getppid, SYS_pause]);
+            l.allow_values(SYS_prctl, 0, &[PR_SET_PDEATHSIG as u64])?;
+        }
+        Role::Api => {
+            unix_sockets(&mut l)?;
+        }
+        Role::Console => {}
+        Role::Sandbox => {
+            unix_sockets(&mut l)?;
+            threads(&mut l)?;
+            terminal(&mut l)?;
+            // The readiness mark is written through a descriptor opened
+            // before; the stdin copy may use splice-free plain reads only.
+            l.allow(&[SYS_pwrite64]);
+        }
+    }
+    Ok(l.0)
+}
+
+// ---- SIGSYS -----------------------------------------------------------------
+
+fn install_sigsys_handler() -> Result<(), String> {
+    // SAFETY: a zeroed sigaction is valid; the handler only writes and exits.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(format!(
+                "cannot install the SIGSYS handler: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Offset of `si_syscall` in x86_64's siginfo_t for SIGSYS: the union
+/// starts at 16, after `_call_addr` (a pointer) comes the call number.
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; the field is
+    // an int at a fixed offset.
+    let nr = unsafe {
+        std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>())
+    };
+    let role = ROLE.with(|r| r.get());
+    let mut line = Line::default();
+    line.push(b"ligera: seccomp: the ");
+    line.push(role.as_bytes());
+    line.push(b" thread made a system call outside its filter: ");
+    let name = usize::try_from(nr)
+        .ok()
+        .and_then(|n| names::NAMES.get(n))
+        .copied()
+        .unwrap_or("");
+    line.push(if name.is_empty() {
+        b"?"
+    } else {
+        name.as_bytes()
+    });
+    line.push(b" (");
+    line.number(nr);
+    line.push(b")\n");
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
+        libc::_exit(EXIT_BAD_SYSCALL);
+    }
+}
+
+/// A message built without allocating (in a signal handler).
+struct Line {
+    buf: [u8; 192],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            buf: [0; 192],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn number(&mut self, n: i32) {
+        let mut digits = [0u8; 12];
+        let mut i = digits.len();
+        let negative = n < 0;
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if negative {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_role_compiles() {
+        for role in Role::ALL {
+            assert!(!compile(role).unwrap().is_empty(), "{role:?}");
+            assert!(allowed(role).contains(&"exit_group"), "{role:?}");
+        }
+        assert!(allowed(Role::Vcpu).contains(&"ioctl"));
+        assert!(!allowed(Role::Vcpu).contains(&"openat"));
+        assert!(!allowed(Role::Block).contains(&"socket"));
+    }
+
+    #[test]
+    fn the_readme_lists_every_roles_calls() {
+        let readme = include_str!("../../../README.md");
+        let missing: Vec<String> = Role::ALL
+            .iter()
+            .map(|&r| readme_row(r))
+            .filter(|row| !readme.lines().any(|l| l == row))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "README.md's seccomp table must have these rows:\n{}",
+            missing.join("\n")
+        );
+    }
+
+    #[test]
+    fn names_match_libc() {
+        assert_eq!(names::NAMES[libc::SYS_openat as usize], "openat");
+        assert_eq!(names::NAMES[libc::SYS_ioctl as usize], "ioctl");
+        assert_eq!(names::NAMES[libc::SYS_clone3 as usize], "clone3");
+    }
+
+    #[test]
+    fn the_line_says_numbers() {
+        let mut l = Line::default();
+        l.number(0);
+        l.push(b" ");
+        l.number(-42);
+        l.push(b" ");
+        l.number(i32::MAX);
+        assert_eq!(&l.buf[..l.len], b"0 -42 2147483647");
+    }
+}
