@@ -6,7 +6,9 @@
    (user + system, from wait4) and peak RSS.
 2. ligera's memory outside the guest-memory mapping, from /proc/PID/smaps,
    while the same guest sits halted.
-3. Optionally (--kernel/--initrd, or the images from resources/), the wall
+3. With --confinement, the same tiny guest under `--seccomp off` too: what
+   the per-thread seccomp filters add to start-up.
+4. Optionally (--kernel/--initrd, or the images from resources/), the wall
    time until a Linux guest's init prints its marker, for both VMMs on the
    same kernel, initrd and command line.
 
@@ -139,6 +141,8 @@ def main():
     ap.add_argument("--linux-runs", type=int, default=5)
     ap.add_argument("--baseline", help="another ligera binary (e.g. the previous commit's) to run "
                     "side by side on the tiny guest")
+    ap.add_argument("--confinement", action="store_true",
+                    help="also run ligera with --seccomp off: what the seccomp filters cost at start-up")
     ap.add_argument("--teardown", action="store_true",
                     help="also run ligera with LIGERA_INLINE_TEARDOWN=1 (no teardown child)")
     args = ap.parse_args()
@@ -156,6 +160,8 @@ def main():
         runners.append(("baseline", [args.baseline, *ligera_cmd[1:]], None))
     if args.teardown:
         runners.append(("ligera-inline-teardown", ligera_cmd, {"LIGERA_INLINE_TEARDOWN": "1"}))
+    if args.confinement:
+        runners.append(("ligera-seccomp-off", ligera_cmd + ["--seccomp", "off"], None))
     results = {name: [] for name, _, _ in runners}
     for i in range(args.runs):
         print(f"\rrun {i + 1}/{args.runs}", end="", file=sys.stderr, flush=True)
@@ -186,6 +192,12 @@ def main():
         tw, tc, tr = summary["ligera-inline-teardown"]
         print(f"exit cost: the teardown child saves {tw - lw:.2f} ms of wall time "
               f"(inline teardown {tw:.2f} ms vs {lw:.2f} ms)")
+
+    if args.confinement:
+        ow, oc, orss = summary["ligera-seccomp-off"]
+        print(f"confinement cost at start-up: seccomp on {lw:.2f} ms vs off {ow:.2f} ms wall "
+              f"= {lw - ow:+.2f} ms (target <= +1 ms: {'met' if lw - ow <= 1 else 'NOT met'}); "
+              f"CPU {lc - oc:+.2f} ms; peak RSS {lr - orss:+.2f} MiB")
 
     binaries = [("ligera", args.ligera)] + ([("baseline", args.baseline)] if args.baseline else [])
     for name, binary in binaries:

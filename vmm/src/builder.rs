@@ -114,7 +114,7 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
     let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot, &quirks)?;
     if config.seccomp {
         // The filters go on as each thread starts (before it runs guest
-        // code or reads guest bytes); here they are compiled, once.
+        // code or reads guest bytes); here the SIGSYS handler goes in.
         crate::seccomp::enable().map_err(BuildError::Seccomp)?;
     }
     log::debug!("VM built");

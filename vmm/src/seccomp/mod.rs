@@ -71,37 +71,41 @@ impl Role {
     }
 }
 
-/// The compiled filters, when seccomp is on for this process.
-static FILTERS: OnceLock<BTreeMap<Role, BpfProgram>> = OnceLock::new();
+/// Whether seccomp is on for this process ([`enable`] was called).
+static ENABLED: OnceLock<()> = OnceLock::new();
+/// Each role's compiled filter, made the first time a thread of that role
+/// starts (a VM without a control socket never compiles the api filter).
+static FILTERS: [OnceLock<Result<BpfProgram, String>>; Role::ALL.len()] =
+    [const { OnceLock::new() }; Role::ALL.len()];
 
 thread_local! {
     /// The role whose filter this thread runs under (for the SIGSYS line).
     static ROLE: Cell<&'static str> = const { Cell::new("unfiltered") };
 }
 
-/// Compiles every role's filter and installs the SIGSYS handler: call once,
-/// while the VM is built, before any thread starts. Afterwards [`install`]
-/// applies filters; without this call it does nothing (`--seccomp off`).
+/// Installs the SIGSYS handler and turns on [`install`]: call once, while
+/// the VM is built, before any thread starts (`rt_sigaction` is in no list).
+/// Without this call [`install`] does nothing (`--seccomp off`).
 pub fn enable() -> Result<(), String> {
-    if FILTERS.get().is_some() {
+    if ENABLED.get().is_some() {
         return Ok(());
     }
-    let mut filters = BTreeMap::new();
-    for role in Role::ALL {
-        filters.insert(role, compile(role)?);
-    }
     install_sigsys_handler()?;
-    let _ = FILTERS.set(filters);
+    let _ = ENABLED.set(());
     Ok(())
 }
 
 /// Puts the calling thread under `role`'s filter (if seccomp is enabled).
 /// Threads this one starts afterwards inherit it.
 pub fn install(role: Role) -> Result<(), String> {
-    let Some(filters) = FILTERS.get() else {
+    if ENABLED.get().is_none() {
         return Ok(());
-    };
-    apply(role, &filters[&role])
+    }
+    let index = Role::ALL.iter().position(|&r| r == role).unwrap_or(0);
+    match FILTERS[index].get_or_init(|| compile(role)) {
+        Ok(program) => apply(role, program),
+        Err(e) => Err(e.clone()),
+    }
 }
 
 /// Applies `program` as `role`'s filter to the calling thread.
