@@ -54,6 +54,13 @@ fn make_call(call: &str) -> i64 {
                 libc::sigaction(libc::SIGSYS, std::ptr::null(), &mut old) as i64
             }
             "write" => libc::write(2, c"".as_ptr().cast(), 0) as i64,
+            "open-dir" => libc::open(c"/tmp".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) as i64,
+            "open-tmpfile" => {
+                libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) as i64
+            }
+            "thread" => std::thread::spawn(|| 7i64).join().unwrap(),
+            // A SIGSYS that seccomp did not send is not a verdict: ignored.
+            "raise-sigsys" => libc::raise(libc::SIGSYS) as i64,
             other => panic!("unknown call {other}"),
         }
     }
@@ -106,8 +113,10 @@ fn every_role_is_stopped_at_calls_it_must_not_make() {
         (
             "vmm",
             &[
-                // Directories only: a file may not be opened.
+                // Directories only: a file may not be opened, nor a
+                // temporary file made in a directory.
                 ("openat", "openat (257)"),
+                ("open-tmpfile", "openat (257)"),
                 ("socket-inet", "socket (41)"),
                 ("execve", "execve (59)"),
                 ("kill-init", "kill (62)"),
@@ -116,7 +125,12 @@ fn every_role_is_stopped_at_calls_it_must_not_make() {
         ),
         (
             "api",
-            &[("openat", "openat (257)"), ("ptrace", "ptrace (101)")],
+            &[
+                ("openat", "openat (257)"),
+                ("ptrace", "ptrace (101)"),
+                // It accepts connections, never makes one.
+                ("socket-unix", "socket (41)"),
+            ],
         ),
         ("console", &[("socket-unix", "socket (41)")]),
         (
@@ -153,9 +167,12 @@ fn calls_a_role_needs_go_through() {
         ("vcpu", "mmap-rw"),
         ("block", "mmap-rw"),
         ("vmm", "socket-unix"),
-        ("api", "socket-unix"),
+        ("vmm", "open-dir"),
+        ("api", "write"),
         ("sandbox", "socket-unix"),
+        ("sandbox", "thread"),
         ("console", "write"),
+        ("vcpu", "raise-sigsys"),
     ];
     for (role, call) in allowed {
         let (status, stdout, stderr) = run_case(role, call);

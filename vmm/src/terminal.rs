@@ -76,6 +76,17 @@ impl Drop for RawTerminal {
     }
 }
 
+/// [`restore`] for a signal handler: never waits for the lock (the thread
+/// the signal interrupted may hold it); tcsetattr is async-signal-safe.
+pub fn restore_from_signal_handler() {
+    if let Ok(saved) = SAVED.try_lock()
+        && let Some((fd, termios)) = saved.as_ref()
+    {
+        // SAFETY: tcsetattr reads the termios struct saved earlier.
+        unsafe { libc::tcsetattr(*fd, libc::TCSANOW, termios) };
+    }
+}
+
 /// Restores the terminal settings saved by [`RawTerminal::enter`], if any.
 /// Safe to call more than once and from a panic hook.
 pub fn restore() {

@@ -458,8 +458,10 @@ fn start_console_input(console: &Console) -> Result<(), String> {
         .name("console-in".into())
         .spawn(move || {
             if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Console) {
-                log::error!("console input stopped: {e}");
-                return;
+                // Fail closed: no thread runs without its filter.
+                eprintln!("ligera: error: {e}");
+                crate::terminal::restore();
+                std::process::exit(crate::exit::EXIT_VMM_ERROR);
             }
             let mut buf = [0u8; 64];
             loop {

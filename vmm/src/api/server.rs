@@ -158,7 +158,11 @@ impl ApiServer {
                             log::error!("the control socket's thread panicked");
                         }
                     }
-                    Err(e) => log::error!("control socket not served: {e}"),
+                    Err(e) => {
+                        // Fail closed: no thread runs without its filter.
+                        eprintln!("ligera: error: {e}");
+                        std::process::exit(crate::exit::EXIT_VMM_ERROR);
+                    }
                 }
                 listener
             })

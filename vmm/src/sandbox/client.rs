@@ -173,6 +173,7 @@ pub fn run_session(
         std::thread::Builder::new()
             .name("sandbox-stdin".into())
             .spawn(move || {
+                crate::seccomp::inherited(crate::seccomp::Role::Sandbox);
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let room = {
@@ -251,6 +252,7 @@ fn watch_window(out: Arc<Mutex<UnixStream>>) {
     let _ = std::thread::Builder::new()
         .name("sandbox-winsize".into())
         .spawn(move || {
+            crate::seccomp::inherited(crate::seccomp::Role::Sandbox);
             let mut last = window_size(libc::STDOUT_FILENO);
             loop {
                 std::thread::sleep(Duration::from_millis(200));

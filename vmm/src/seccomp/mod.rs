@@ -108,6 +108,12 @@ pub fn install(role: Role) -> Result<(), String> {
     }
 }
 
+/// Names `role` as the calling thread's, for a thread that runs under the
+/// filter it inherited from the thread that started it.
+pub fn inherited(role: Role) {
+    ROLE.with(|r| r.set(role.name()));
+}
+
 /// Applies `program` as `role`'s filter to the calling thread.
 pub fn apply(role: Role, program: &BpfProgram) -> Result<(), String> {
     ROLE.with(|r| r.set(role.name()));
@@ -311,14 +317,21 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             F_DUPFD_CLOEXEC as u64,
         ],
     )?;
+    // The terminal on stdin, put back from a panic hook or the SIGSYS
+    // handler on whatever thread they run.
+    for request in [TCGETS, TCSETS, TCSETSW, TCSETSF] {
+        l.allow_if(
+            SYS_ioctl,
+            &[(0, Len::Dword, Op::Eq, 0), (1, Len::Dword, Op::Eq, request)],
+        )?;
+    }
     // Signals only to our own threads (vCPU kicks, abort).
     l.allow_if(SYS_tgkill, &[(0, Len::Dword, Op::Eq, pid)])?;
 
-    // Unix sockets: the vsock host side, the control socket, the agent.
-    let unix_sockets = |l: &mut List| -> Result<(), seccompiler::BackendError> {
-        l.allow_values(SYS_socket, 0, &[AF_UNIX as u64])?;
+    // Unix socket traffic on sockets already open or accepted: the vsock
+    // host side, the control socket, the agent.
+    let unix_server = |l: &mut List| -> Result<(), seccompiler::BackendError> {
         l.allow(&[
-            SYS_connect,
             SYS_accept4,
             SYS_recvfrom,
             SYS_sendto,
@@ -344,6 +357,14 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 (2, Len::Dword, Op::Eq, SO_SNDTIMEO as u64),
             ],
         )
+    };
+    // New connections: the vsock host side connects guest-initiated
+    // streams to `PATH_PORT`, the sandbox client to the agent. The path is
+    // in memory, out of a filter's reach (see the README's caveat).
+    let unix_client = |l: &mut List| -> Result<(), seccompiler::BackendError> {
+        l.allow_values(SYS_socket, 0, &[AF_UNIX as u64])?;
+        l.allow(&[SYS_connect]);
+        Ok(())
     };
     let epoll = |l: &mut List| {
         l.allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl]);
@@ -393,7 +414,8 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
         }
         Role::Vmm => {
             epoll(&mut l);
-            unix_sockets(&mut l)?;
+            unix_server(&mut l)?;
+            unix_client(&mut l)?;
             terminal(&mut l)?;
             // Tap frames and their offload settings (set on activation).
             l.allow(&[SYS_readv, SYS_writev]);
@@ -426,16 +448,15 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             l.allow_values(SYS_prctl, 0, &[PR_SET_PDEATHSIG as u64])?;
         }
         Role::Api => {
-            unix_sockets(&mut l)?;
+            // Accepts connections, never makes one.
+            unix_server(&mut l)?;
         }
         Role::Console => {}
         Role::Sandbox => {
-            unix_sockets(&mut l)?;
+            unix_server(&mut l)?;
+            unix_client(&mut l)?;
             threads(&mut l)?;
             terminal(&mut l)?;
-            // The readiness mark is written through a descriptor opened
-            // before; the stdin copy may use splice-free plain reads only.
-            l.allow(&[SYS_pwrite64]);
         }
     }
     Ok(l.0)
@@ -464,7 +485,15 @@ fn install_sigsys_handler() -> Result<(), String> {
 /// starts at 16, after `_call_addr` (a pointer) comes the call number.
 const SI_SYSCALL_OFFSET: usize = 24;
 
+/// `si_code` of a SIGSYS that seccomp sent (SYS_SECCOMP).
+const SYS_SECCOMP: i32 = 1;
+
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t.
+    if unsafe { (*info).si_code } != SYS_SECCOMP {
+        // A SIGSYS somebody sent (kill -SYS): not a filter's verdict.
+        return;
+    }
     // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; the field is
     // an int at a fixed offset.
     let nr = unsafe {
@@ -488,6 +517,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     line.push(b" (");
     line.number(nr);
     line.push(b")\n");
+    crate::terminal::restore_from_signal_handler();
     // SAFETY: write and _exit are async-signal-safe.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
