@@ -42,42 +42,6 @@ fn counting_vm(sock: &Path, extra: &[&str]) -> Running {
     vm
 }
 
-/// Every thread of the running ligera `pid` runs under a seccomp filter
-/// (its own role's, and the main thread's once the event loop runs).
-fn assert_every_thread_filtered(pid: i32) {
-    let mut names = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let name = field("Name:");
-        if name.starts_with("kvm-") {
-            // KVM's own kernel worker (kvm-nx-lpage-recovery on hosts with
-            // the NX huge page mitigation): kernel code only.
-            continue;
-        }
-        assert_eq!(field("Seccomp:"), "2", "thread {name}: {status}");
-        let filters: u32 = field("Seccomp_filters:").parse().unwrap();
-        assert!(filters >= 1, "thread {name}: {status}");
-        names.push(name);
-    }
-    names.sort();
-    // The event loop (ligera), the control socket, the console's input
-    // and the vCPU.
-    assert_eq!(
-        names,
-        ["api", "console-in", "ligera", "vcpu0"],
-        "threads: {names:?}"
-    );
-}
-
 /// One request on a new connection; returns the status and the body.
 fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(sock).unwrap();
@@ -120,7 +84,12 @@ fn pause_resume_and_stop_through_the_control_socket() {
     let mut vm = counting_vm(&sock, &[]);
     let (status, body) = http(&sock, "GET", "/", "");
     assert_eq!(status, 200, "{body}");
-    assert_every_thread_filtered(vm.pid());
+    // Every thread runs under a seccomp filter: the event loop (ligera),
+    // the control socket, the console's input and the vCPU.
+    assert_eq!(
+        common::filtered_threads(vm.pid()),
+        ["api", "console-in", "ligera", "vcpu0"]
+    );
     assert!(body.contains("\"state\":\"Running\""), "{body}");
     assert!(body.contains("\"app_name\":\"ligera\""), "{body}");
 

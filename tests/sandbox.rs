@@ -488,18 +488,7 @@ fn a_persistent_sandbox_serves_execs_copies_terminals_and_limits() {
     // the main thread, the vCPU, the three disks' threads, the control
     // socket's (sandbox-ready has ended: the sandbox answered).
     let pid = std::fs::read_to_string(runtime_dir().join(format!("sb-{name}/pid"))).unwrap();
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", pid.trim())).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let name = status.lines().next().unwrap_or("").replace("Name:", "");
-        let name = name.trim().to_string();
-        if name.starts_with("kvm-") {
-            continue; // KVM's kernel worker
-        }
-        assert!(status.contains("\nSeccomp:\t2\n"), "{name}: {status}");
-        threads.push(name);
-    }
-    threads.sort();
+    let mut threads = common::filtered_threads(pid.trim().parse().unwrap());
     // sandbox-ready may still be on its way out.
     threads.retain(|t| t != "sandbox-ready");
     assert_eq!(

@@ -428,3 +428,32 @@ pub fn random_file(name: &str, len: usize, seed: u64) -> PathBuf {
     std::fs::write(&path, bytes).unwrap();
     path
 }
+
+/// The names of the threads of the running ligera `pid`, sorted, after
+/// checking that every one runs under a seccomp filter (`Seccomp: 2`, at
+/// least one filter). KVM's kernel worker (`kvm-nx-lpage-recovery`, on
+/// hosts with the NX huge page mitigation) runs kernel code only: skipped.
+pub fn filtered_threads(pid: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let name = field("Name:");
+        if name.starts_with("kvm-") {
+            continue;
+        }
+        assert_eq!(field("Seccomp:"), "2", "thread {name}: {status}");
+        let filters: u32 = field("Seccomp_filters:").parse().unwrap();
+        assert!(filters >= 1, "thread {name}: {status}");
+        names.push(name);
+    }
+    names.sort();
+    names
+}

@@ -349,9 +349,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
             .name("sandbox".into())
             .spawn(move || {
                 if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Sandbox) {
-                    let e = client::ClientError::Io(std::io::Error::other(e));
-                    *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(e));
-                    control.request_stop(ExitReason::Stopped);
+                    control.request_stop(ExitReason::VmmError(e));
                     return;
                 }
                 let stopped = || control.state() == crate::vm::VmState::Stopped;
