@@ -10,7 +10,7 @@ mod common;
 use common::linux::{BOOT_TIMEOUT, CMDLINE, MARKER, busybox_initramfs, one_at_a_time};
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -137,9 +137,9 @@ fn host_connects_to_a_linux_vsock_echo_server() {
 fn linux_guest_connects_to_a_host_port() {
     let socket = socket_path("client");
     // The guest connects to host port 5001: the Unix socket PATH_5001.
-    let listener = UnixListener::bind(format!("{}_5001", socket.display())).unwrap();
+    let listener = common::guest_port_listener(Path::new(&format!("{}_5001", socket.display())));
     let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = common::accept_within(&listener, Duration::from_secs(300));
         let got = read_to_end(&mut s, Duration::from_secs(120));
         s.write_all(b"hello-from-the-host").unwrap();
         got

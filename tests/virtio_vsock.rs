@@ -65,9 +65,9 @@ fn guest_and_host_exchange_bytes_both_ways() {
     // Guest to host: the guest connects to host port 5001, which is the
     // Unix socket PATH_5001; we echo what comes and keep a copy.
     let echo_path = PathBuf::from(format!("{}_{OUT_PORT}", path.display()));
-    let echo = UnixListener::bind(&echo_path).unwrap();
+    let echo = common::guest_port_listener(&echo_path);
     let echo_thread = std::thread::spawn(move || {
-        let (mut s, _) = echo.accept().unwrap();
+        let mut s = common::accept_within(&echo, Duration::from_secs(120));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];

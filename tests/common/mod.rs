@@ -429,11 +429,67 @@ pub fn random_file(name: &str, len: usize, seed: u64) -> PathBuf {
     path
 }
 
+/// A listener for the guest's connections to a host port (the Unix socket
+/// `PATH_PORT`): writable by everyone, as a jailed VM runs as its own uid.
+pub fn guest_port_listener(path: &Path) -> std::os::unix::net::UnixListener {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener
+}
+
+/// Accepts one connection within `timeout` (a guest that cannot connect
+/// fails the test instead of hanging it).
+pub fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    timeout: Duration,
+) -> std::os::unix::net::UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no connection within {timeout:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// The process that runs the VM of the ligera started as `pid`: its one
+/// child when ligera jailed the VM (`pid` is then the supervisor), else `pid`.
+pub fn vm_process(pid: i32) -> i32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let children: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    match children[..] {
+        [child]
+            if std::fs::read_to_string(format!("/proc/{child}/comm"))
+                .is_ok_and(|c| c.trim() == "ligera") =>
+        {
+            child
+        }
+        _ => pid,
+    }
+}
+
 /// The names of the threads of the running ligera `pid`, sorted, after
 /// checking that every one runs under a seccomp filter (`Seccomp: 2`, at
 /// least one filter). KVM's kernel worker (`kvm-nx-lpage-recovery`, on
 /// hosts with the NX huge page mitigation) runs kernel code only: skipped.
 pub fn filtered_threads(pid: i32) -> Vec<String> {
+    let pid = vm_process(pid);
     let mut names = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();

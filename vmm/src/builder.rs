@@ -153,7 +153,7 @@ fn check_config(config: &VmConfig) -> Result<GuestLayout> {
 /// The same image given twice would fail on its own lock with a message
 /// about another VM; say what really happened. Files are compared by device
 /// and inode, so a symlink or another path to the same image counts too.
-fn check_disks_distinct(config: &VmConfig) -> Result<()> {
+pub(crate) fn check_disks_distinct(config: &VmConfig) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut seen: Vec<((u64, u64), &std::path::Path)> = Vec::new();
     for disk in &config.disks {

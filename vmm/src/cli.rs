@@ -154,6 +154,9 @@ pub struct RunArgs {
 
     #[arg(long, value_name = "MODE", default_value = "on", help = SECCOMP_HELP)]
     pub seccomp: OnOff,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailOptions,
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -173,8 +176,8 @@ fn parse_serial(text: &str) -> Result<SerialConfig, String> {
 }
 
 impl RunArgs {
-    pub fn into_config(self) -> VmConfig {
-        VmConfig {
+    pub fn into_config(self) -> (VmConfig, crate::jail::JailOptions) {
+        let config = VmConfig {
             initrd: self.initrd,
             cmdline: self.cmdline,
             vcpus: self.cpus,
@@ -193,7 +196,8 @@ impl RunArgs {
             api_socket: self.api_sock,
             seccomp: self.seccomp == OnOff::On,
             ..VmConfig::new(self.kernel)
-        }
+        };
+        (config, self.jail)
     }
 }
 
@@ -215,7 +219,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<VmConfig, clap::Error> {
         let cli = Cli::try_parse_from(args)?;
         match cli.command {
-            Command::Run(run) => Ok(run.into_config()),
+            Command::Run(run) => Ok(run.into_config().0),
             _ => panic!("not a run command"),
         }
     }

@@ -56,9 +56,11 @@ pub const EMULATING_HOST_CMDLINE: &str = "clearcpuid=151,154,155,156,293,304,147
 
 /// Whether the host KVM is the nested `kvm_pvm` module, which runs a
 /// normal guest through its instruction emulator and never completes a
-/// guest's hypercall (`vmcall`/`vmmcall` spins forever).
+/// guest's hypercall (`vmcall`/`vmmcall` spins forever). Looked up once
+/// (the jail has no /sys).
 pub fn is_emulating_nested_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    static NESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NESTED.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
 /// Total RAM of the host in bytes.

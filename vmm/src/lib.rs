@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod exit;
 pub mod host;
 pub mod image;
+pub mod jail;
 pub mod loader;
 pub mod logger;
 pub mod options;

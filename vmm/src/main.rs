@@ -22,38 +22,7 @@ fn run() -> i32 {
     };
     logger::init(cli.log_level);
     match cli.command {
-        Command::Run(args) => {
-            let config = args.into_config();
-            if let Err(e) = config.validate() {
-                eprintln!("ligera: error: {e} (see 'ligera run --help')");
-                return EXIT_USAGE;
-            }
-            log::info!("starting: {}", vmm::cli::describe(&config));
-            let mut vm = match builder::build(&config) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    eprintln!("ligera: error: {e}");
-                    return EXIT_VMM_ERROR;
-                }
-            };
-            if let Err(e) = vmm::vm::block_signals() {
-                eprintln!("ligera: error: {e}");
-                return EXIT_VMM_ERROR;
-            }
-            let api = match vmm::api::start(&vm, &config) {
-                Ok(api) => api,
-                Err(e) => {
-                    eprintln!("ligera: error: {e}");
-                    return EXIT_VMM_ERROR;
-                }
-            };
-            let reason = vm.run();
-            drop(api);
-            if let Some(message) = reason.message() {
-                eprintln!("ligera: {message}");
-            }
-            vm.exit_process(reason.code())
-        }
+        Command::Run(args) => run_vm(args),
         Command::Image(cmd) => image_command(cmd),
         Command::Sandbox(sandbox) => {
             use vmm::sandbox::{SandboxCommand, persistent, run};
@@ -68,6 +37,59 @@ fn run() -> i32 {
             }
         }
     }
+}
+
+/// `ligera run`.
+fn run_vm(args: vmm::cli::RunArgs) -> i32 {
+    use vmm::jail::{JailError, Start};
+    let (mut config, jail) = args.into_config();
+    if let Err(e) = config.validate() {
+        eprintln!("ligera: error: {e} (see 'ligera run --help')");
+        return EXIT_USAGE;
+    }
+    let jailed = match vmm::jail::start(&jail, &mut config) {
+        Ok(Start::Supervisor(code)) => return code,
+        Ok(Start::Vm(jailed)) => jailed,
+        Err(JailError::Options(e)) => {
+            eprintln!("ligera: error: {e} (see 'ligera run --help')");
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            eprintln!("ligera: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    log::info!("starting: {}", vmm::cli::describe(&config));
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("ligera: error: {e}");
+        EXIT_VMM_ERROR
+    };
+    let mut vm = match builder::build(&config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = vmm::vm::block_signals() {
+        return fail(&e);
+    }
+    let bound = match vmm::api::bind(&config) {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    if let Some(jailed) = jailed
+        && let Err(e) = jailed.lock_down()
+    {
+        return fail(&format!("cannot lock the jail: {e}"));
+    }
+    let api = match vmm::api::serve(bound, &vm, &config) {
+        Ok(api) => api,
+        Err(e) => return fail(&e),
+    };
+    let reason = vm.run();
+    drop(api);
+    if let Some(message) = reason.message() {
+        eprintln!("ligera: {message}");
+    }
+    vm.exit_process(reason.code())
 }
 
 /// `ligera image pull|ls|rm|prune`.

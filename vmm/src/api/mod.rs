@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::config::VmConfig;
 use crate::exit::ExitReason;
 use crate::vm::{Vm, VmControl, VmState};
-pub use server::{ApiServer, Handler, Request, Response, ServerError};
+pub use server::{ApiServer, BoundApi, Handler, Request, Response, ServerError};
 
 /// Answers the control socket's requests for one VM.
 pub struct VmApi {
@@ -43,12 +43,23 @@ impl VmApi {
     }
 }
 
-/// Starts the control socket for `vm` at `config.api_socket`, if set.
-pub fn start(vm: &Vm, config: &VmConfig) -> Result<Option<ApiServer>, ServerError> {
-    match &config.api_socket {
-        Some(path) => ApiServer::start(path, VmApi::new(vm, config)).map(Some),
-        None => Ok(None),
-    }
+/// Listens on the control socket `config.api_socket`, if set (before the
+/// jail is locked: the socket's directory may be root's).
+pub fn bind(config: &VmConfig) -> Result<Option<BoundApi>, ServerError> {
+    config
+        .api_socket
+        .as_deref()
+        .map(ApiServer::bind)
+        .transpose()
+}
+
+/// Serves the control socket bound by [`bind`] for `vm`.
+pub fn serve(
+    bound: Option<BoundApi>,
+    vm: &Vm,
+    config: &VmConfig,
+) -> Result<Option<ApiServer>, ServerError> {
+    bound.map(|b| b.serve(VmApi::new(vm, config))).transpose()
 }
 
 #[derive(Deserialize)]

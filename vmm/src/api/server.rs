@@ -130,6 +130,12 @@ impl ApiServer {
     /// Listens on `path` (a stale socket file is replaced) and serves
     /// requests with `handler` on a new thread.
     pub fn start(path: &Path, handler: impl Handler) -> Result<ApiServer, ServerError> {
+        ApiServer::bind(path)?.serve(handler)
+    }
+
+    /// Listens on `path` (a stale socket file is replaced); requests are
+    /// served once [`BoundApi::serve`] starts the thread.
+    pub fn bind(path: &Path) -> Result<BoundApi, ServerError> {
         let shown = path.display().to_string();
         let listener = HostListener::bind(path).map_err(|e| match e {
             HostSocketError::InUse(_) => ServerError::InUse(shown.clone()),
@@ -139,6 +145,20 @@ impl ApiServer {
                 source,
             },
         })?;
+        Ok(BoundApi { listener, shown })
+    }
+}
+
+/// A control socket that listens but has no thread serving it yet.
+pub struct BoundApi {
+    listener: HostListener,
+    shown: String,
+}
+
+impl BoundApi {
+    /// Serves requests with `handler` on a new thread.
+    pub fn serve(self, handler: impl Handler) -> Result<ApiServer, ServerError> {
+        let BoundApi { listener, shown } = self;
         let io = |source| ServerError::Io {
             path: shown.clone(),
             source,

@@ -106,6 +106,9 @@ pub struct VmOptions {
 
     #[arg(long, value_name = "MODE", default_value = "on", help = crate::cli::SECCOMP_HELP)]
     pub seccomp: crate::cli::OnOff,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailOptions,
 }
 
 /// How one command runs.
@@ -319,7 +322,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         return fail(format!("cannot create {}: {e}", run_dir.0.display()));
     }
 
-    let (config, image_config) = match prepare(&args.vm, &run_dir.0) {
+    let (mut config, image_config) = match prepare(&args.vm, &run_dir.0) {
         Ok(c) => c,
         Err(message) => return fail(message),
     };
@@ -330,6 +333,11 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     if let Err(e) = config.validate() {
         return fail(e);
     }
+    let jailed = match crate::jail::start(&args.vm.jail, &mut config) {
+        Ok(crate::jail::Start::Supervisor(code)) => return code,
+        Ok(crate::jail::Start::Vm(jailed)) => jailed,
+        Err(e) => return fail(e),
+    };
     if let Err(e) = crate::vm::block_signals() {
         return fail(e);
     }
@@ -339,10 +347,19 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     };
     let control = vm.control();
     let console = open_console(&run_dir.0);
+    if let Some(jailed) = jailed
+        && let Err(e) = jailed.lock_down()
+    {
+        return fail(format!("cannot lock the jail: {e}"));
+    }
 
     let outcome: Arc<Mutex<Option<Result<ExitStatus, client::ClientError>>>> = Arc::default();
     let finished = Arc::new(AtomicBool::new(false));
-    let socket = run_dir.0.join("v.sock");
+    let socket = config
+        .vsock
+        .as_ref()
+        .map(|v| v.socket.clone())
+        .unwrap_or_default();
     {
         let (outcome, control, finished) = (outcome.clone(), control.clone(), finished.clone());
         let spawned = std::thread::Builder::new()

@@ -214,6 +214,7 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
     if vm.seccomp == crate::cli::OnOff::Off {
         a.extend(["--seccomp".into(), "off".into()]);
     }
+    a.extend(vm.jail.to_args());
     if let Some(i) = &vm.image {
         a.extend(["--image".into(), crate::image::absolute(i)]);
     }
@@ -249,6 +250,11 @@ pub fn serve(args: ServeArgs) -> i32 {
     if let Err(e) = written {
         return fail(format!("cannot write to {}: {e}", dir.0.display()));
     }
+    let jailed = match crate::jail::start(&args.vm.jail, &mut config) {
+        Ok(crate::jail::Start::Supervisor(code)) => return code,
+        Ok(crate::jail::Start::Vm(jailed)) => jailed,
+        Err(e) => return fail(e),
+    };
     if let Err(e) = crate::vm::block_signals() {
         return fail(e);
     }
@@ -256,13 +262,17 @@ pub fn serve(args: ServeArgs) -> i32 {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
-    let api = match crate::api::start(&vm, &config) {
-        Ok(api) => api,
+    let bound = match crate::api::bind(&config) {
+        Ok(b) => b,
         Err(e) => return fail(e),
     };
     // Ready once the agent answers.
     let control = vm.control();
-    let socket = dir.0.join("v.sock");
+    let socket = config
+        .vsock
+        .as_ref()
+        .map(|v| v.socket.clone())
+        .unwrap_or_default();
     // Readiness is the mark file's content, written through a descriptor
     // opened now: the thread's filter opens no files.
     let ready = match std::fs::File::create(dir.0.join("ready")) {
@@ -270,6 +280,15 @@ pub fn serve(args: ServeArgs) -> i32 {
         Err(e) => return fail(format!("cannot write to {}: {e}", dir.0.display())),
     };
     let console = super::open_console(&dir.0);
+    if let Some(jailed) = jailed
+        && let Err(e) = jailed.lock_down()
+    {
+        return fail(format!("cannot lock the jail: {e}"));
+    }
+    let api = match crate::api::serve(bound, &vm, &config) {
+        Ok(api) => api,
+        Err(e) => return fail(e),
+    };
     let _ = std::thread::Builder::new()
         .name("sandbox-ready".into())
         .spawn(move || {
@@ -530,6 +549,16 @@ pub fn rm(args: RmArgs) -> i32 {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+        // What a ligera killed with SIGKILL leaves: its VM process ends
+        // with it, then its jail's mount point and cgroup can go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let clean = crate::jail::remove_stale(std::path::Path::new(crate::jail::DEFAULT_BASE));
+            if clean || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = std::fs::remove_dir_all(&dir);
         println!("{name}");

@@ -56,6 +56,8 @@ struct PendingHost {
 pub struct MuxerStats {
     pub rsts_dropped: u64,
     pub refused_host: u64,
+    /// Guest connections the host's listener did not let us make.
+    pub denied_guest: u64,
 }
 
 pub struct Muxer {
@@ -314,6 +316,20 @@ impl Muxer {
         }
         let stream = match self.connector.connect(port) {
             Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // Said once: a jailed VM runs as its own uid, which the
+                // host application's socket must let in.
+                if self.stats.denied_guest == 0 {
+                    log::warn!(
+                        "virtio-vsock: may not connect to the listener for host port {port} ({e}); \
+                         a jailed VM runs as its own uid (--uid), which needs write permission on \
+                         that socket"
+                    );
+                }
+                self.stats.denied_guest += 1;
+                self.push_rst(pkt.hdr.reset_reply());
+                return;
+            }
             Err(e) => {
                 log::debug!("virtio-vsock: guest connection to host port {port}: {e}");
                 self.push_rst(pkt.hdr.reset_reply());

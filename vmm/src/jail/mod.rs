@@ -1,0 +1,903 @@
+//! The jail: what a ligera process that a guest has taken over is left with.
+//!
+//! [`enter`] runs before the VM is built. The process that called it
+//! becomes a small supervisor: it makes the VM's cgroup, then forks the VM
+//! process into new PID, mount, IPC, UTS and network namespaces, forwards
+//! signals to it, waits for it, and removes what it leaves (the jail
+//! directory, the cgroup, the sockets it made) however it ends. The VM process
+//! closes every inherited descriptor, joins the cgroup, and `pivot_root`s into
+//! a tmpfs that holds only what the VM uses, bind-mounted at the paths the
+//! configuration names: kernel, initrd and disk images, the serial file, the
+//! directories of its sockets, `/dev/kvm`, and `/dev/net/tun` when it has
+//! taps. It builds the VM there, still as root; [`Jailed::lock_down`] then
+//! drops to an unprivileged uid/gid with no capabilities and no_new_privs,
+//! before any thread starts or any guest byte is read. The seccomp filters
+//! go on after that, per thread.
+
+pub mod cgroup;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use arch::layout::{GIB, MIB};
+
+use crate::config::{SerialConfig, VmConfig, parse_size};
+use cgroup::{Cgroup, Layout};
+
+/// Where jail directories go unless `--jail=DIR` says otherwise.
+pub const DEFAULT_BASE: &str = "/run/ligera/jail";
+/// The uid and gid a jailed VM runs as unless `--uid`/`--gid` say otherwise:
+/// one that no distribution hands out (above the 16-bit range and the
+/// usual subordinate-id ranges of container tools).
+pub const DEFAULT_ID: u32 = 1_000_000_000;
+/// What ligera itself may use beyond guest RAM before the memory ceiling:
+/// its own heap and stacks, KVM's page tables, the page cache of its disks.
+pub const DEFAULT_OVERHEAD: u64 = 128 * MIB;
+/// Open files: the vsock device's 256 connections, disks, event fds and
+/// sockets fit with room to spare.
+const MAX_OPEN_FILES: u64 = 2048;
+/// The serial log may grow this far (writes beyond it fail), unless a
+/// writable disk is larger.
+const MIN_FILE_SIZE_LIMIT: u64 = GIB;
+
+pub const JAIL_HELP: &str = "Confine the VM process (the default for root and for sandboxes): new \
+     PID, mount, IPC, UTS and network namespaces, a root holding only the VM's files, an \
+     unprivileged uid/gid, no capabilities, a cgroup. DIR holds the jails' mount points \
+     (default /run/ligera/jail)";
+
+/// How the VM process is confined (`ligera run` and the sandbox commands).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct JailOptions {
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true,
+          default_missing_value = DEFAULT_BASE, conflicts_with = "no_jail", help = JAIL_HELP)]
+    pub jail: Option<PathBuf>,
+
+    /// Run the VM unconfined (UNSAFE: a guest that escapes KVM gets ligera's
+    /// user, here root, with every file it can reach).
+    #[arg(long)]
+    pub no_jail: bool,
+
+    /// The uid the jailed VM runs as (default 1000000000, which owns nothing).
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// The gid the jailed VM runs as (default 1000000000).
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// CPU time the whole VM may use per 100 ms, in microseconds (as docker
+    /// run --cpu-quota): 50000 is half a CPU, 200000 two CPUs.
+    #[arg(long, value_name = "MICROSECONDS")]
+    pub cpu_quota: Option<u64>,
+
+    /// Memory ceiling for the whole ligera process, guest RAM included
+    /// (default: guest RAM + 128M). A VM that reaches it is killed and
+    /// reported as such.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl JailOptions {
+    /// These options as flags again (for the sandbox's serve process).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if self.no_jail {
+            a.push("--no-jail".into());
+        }
+        if let Some(dir) = &self.jail {
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            a.push(format!("--jail={}", dir.display()));
+        }
+        let numbers = [
+            ("--uid", self.uid.map(u64::from)),
+            ("--gid", self.gid.map(u64::from)),
+            ("--cpu-quota", self.cpu_quota),
+        ];
+        for (flag, value) in numbers {
+            if let Some(v) = value {
+                a.extend([flag.to_string(), v.to_string()]);
+            }
+        }
+        if let Some(m) = self.memory_limit {
+            a.extend(["--memory-limit".into(), format!("{}K", m.div_ceil(1024))]);
+        }
+        a
+    }
+
+    /// Whether and how to jail a VM configured as `config`: `None` for
+    /// `--no-jail`, and by default when not root (the jail needs root).
+    pub fn spec(&self, config: &VmConfig) -> Result<Option<Spec>, String> {
+        let limits = [
+            ("--uid", self.uid.is_some()),
+            ("--gid", self.gid.is_some()),
+            ("--cpu-quota", self.cpu_quota.is_some()),
+            ("--memory-limit", self.memory_limit.is_some()),
+        ];
+        let given = limits.iter().find(|(_, set)| *set).map(|(flag, _)| *flag);
+        if self.no_jail {
+            if let Some(flag) = given {
+                return Err(format!(
+                    "{flag} applies to the jail, which --no-jail turns off"
+                ));
+            }
+            return Ok(None);
+        }
+        if !is_root() {
+            if self.jail.is_some() {
+                return Err("--jail needs root (it makes namespaces, mounts and cgroups)".into());
+            }
+            if let Some(flag) = given {
+                return Err(format!("{flag} needs the jail, which needs root"));
+            }
+            return Ok(None);
+        }
+        let uid = self.uid.unwrap_or(DEFAULT_ID);
+        let gid = self.gid.unwrap_or(DEFAULT_ID);
+        if uid == 0 || gid == 0 {
+            return Err("--uid/--gid 0 would leave the jailed VM root".into());
+        }
+        if let Some(q) = self.cpu_quota
+            && q < 1000
+        {
+            return Err(format!(
+                "--cpu-quota {q}: at least 1000 microseconds per 100 ms"
+            ));
+        }
+        let memory_limit = self
+            .memory_limit
+            .unwrap_or(config.mem_size + DEFAULT_OVERHEAD);
+        if memory_limit < 16 * MIB {
+            return Err("--memory-limit: at least 16M".into());
+        }
+        let base = self.jail.clone().unwrap_or_else(|| DEFAULT_BASE.into());
+        let base = if base.is_absolute() {
+            base
+        } else {
+            std::env::current_dir()
+                .map_err(|e| format!("--jail: {e}"))?
+                .join(base)
+        };
+        Ok(Some(Spec {
+            base,
+            uid,
+            gid,
+            cpu_quota: self.cpu_quota,
+            memory_limit,
+        }))
+    }
+}
+
+/// A jail to enter.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Holds the jails' mount points, one per VM.
+    pub base: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub cpu_quota: Option<u64>,
+    pub memory_limit: u64,
+}
+
+/// Something the VM uses, bind-mounted into the jail at the same path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    path: PathBuf,
+    dir: bool,
+    writable: bool,
+}
+
+/// Turns every path in `config` into its canonical form (the jail holds
+/// the real files, not the symlinks leading to them) and lists what the
+/// jail must hold. A path that cannot be placed in the jail is an error here,
+/// before anything starts.
+fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
+    // Named as the user gave them, before they become canonical.
+    crate::builder::check_disks_distinct(config).map_err(|e| e.to_string())?;
+    let canonical = |flag: &str, p: &Path| {
+        std::fs::canonicalize(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+    };
+    // What the builder would refuse is refused here, in its words.
+    let regular = |flag: &str, p: &Path, block_too: bool| {
+        let p = canonical(flag, p)?;
+        let kind = std::fs::metadata(&p)
+            .map_err(|e| format!("{flag} {}: {e}", p.display()))?
+            .file_type();
+        if kind.is_file() || (block_too && kind.is_block_device()) {
+            Ok(p)
+        } else if block_too {
+            Err(format!(
+                "{flag} {}: not a regular file or a block device",
+                p.display()
+            ))
+        } else {
+            Err(format!("{flag} {}: not a regular file", p.display()))
+        }
+    };
+    let file = |path: PathBuf, writable: bool| Mount {
+        path,
+        dir: false,
+        writable,
+    };
+    let mut mounts = vec![file("/dev/kvm".into(), true)];
+    if !config.nets.is_empty() {
+        mounts.push(file("/dev/net/tun".into(), true));
+    }
+    config.kernel = regular("--kernel", &config.kernel, false)?;
+    mounts.push(file(config.kernel.clone(), false));
+    if let Some(initrd) = &mut config.initrd {
+        *initrd = regular("--initrd", initrd, false)?;
+        mounts.push(file(initrd.clone(), false));
+    }
+    for disk in &mut config.disks {
+        disk.path = regular("--disk", &disk.path, true)?;
+        mounts.push(file(disk.path.clone(), !disk.readonly));
+    }
+    if let SerialConfig::File(path) = &mut config.serial {
+        // Made now (as the serial device would) so that it can be bound.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&*path)
+            .map_err(|e| format!("--serial file={}: {e}", path.display()))?;
+        *path = canonical("--serial file=", path)?;
+        mounts.push(file(path.clone(), true));
+    }
+    let mut sockets = Vec::new();
+    let socket_paths = [
+        (
+            "--vsock socket=",
+            config.vsock.as_mut().map(|v| &mut v.socket),
+        ),
+        ("--api-sock", config.api_socket.as_mut()),
+    ];
+    for (flag, path) in socket_paths {
+        let Some(path) = path else { continue };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(format!("{flag}{}: not a file path", path.display()));
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let dir =
+            std::fs::canonicalize(dir).map_err(|e| format!("{flag}{}: {e}", path.display()))?;
+        if dir == Path::new("/") {
+            return Err(format!(
+                "{flag}{}: the jail would have to hold all of /; put the socket in a directory of its own",
+                path.display()
+            ));
+        }
+        *path = dir.join(name);
+        if path.as_os_str().len() > crate::config::MAX_SOCKET_PATH {
+            return Err(format!(
+                "{flag}{}: longer than a socket address holds ({} bytes)",
+                path.display(),
+                crate::config::MAX_SOCKET_PATH
+            ));
+        }
+        sockets.push(path.clone());
+        mounts.push(Mount {
+            path: dir,
+            dir: true,
+            writable: true,
+        });
+    }
+    // Directories first, parents before children: a file or directory
+    // already visible through a bound directory is not bound again.
+    mounts.sort_by_key(|m| (!m.dir, m.path.as_os_str().len()));
+    mounts.dedup_by(|a, b| a.path == b.path);
+    Ok((mounts, sockets))
+}
+
+/// Why a VM could not be jailed.
+#[derive(Debug)]
+pub enum JailError {
+    /// The options do not fit together (a usage error).
+    Options(String),
+    /// The jail could not be made.
+    Failed(String),
+}
+
+impl std::fmt::Display for JailError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JailError::Options(m) | JailError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// What the command that starts a VM does next: exit with the status of
+/// the jailed VM process it supervised, or build the VM, in a jail or not.
+pub enum Start {
+    Supervisor(i32),
+    Vm(Option<Jailed>),
+}
+
+/// Jails the VM as `options` say (see [`JailOptions::spec`] and [`enter`]).
+pub fn start(options: &JailOptions, config: &mut VmConfig) -> Result<Start, JailError> {
+    match options.spec(config).map_err(JailError::Options)? {
+        None => Ok(Start::Vm(None)),
+        Some(spec) => match enter(&spec, config).map_err(JailError::Failed)? {
+            Entered::Supervisor(code) => Ok(Start::Supervisor(code)),
+            Entered::Jailed(j) => Ok(Start::Vm(Some(j))),
+        },
+    }
+}
+
+/// Which side of the fork [`enter`] returns on.
+pub enum Entered {
+    /// The VM process, in its jail: build the VM, then [`Jailed::lock_down`].
+    Jailed(Jailed),
+    /// The supervisor, after the VM process ended: exit with this status.
+    Supervisor(i32),
+}
+
+/// The VM process's side of the jail.
+pub struct Jailed {
+    uid: u32,
+    gid: u32,
+    sockets: Vec<PathBuf>,
+    /// Read end of a pipe whose write end only the supervisor holds.
+    parent_alive: i32,
+}
+
+fn cstr(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a NUL in the path", p.display()))
+}
+
+fn os_err(what: impl std::fmt::Display) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Whether process `pid` exists.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Removes jail directories and cgroups left by supervisors that are gone
+/// (killed with SIGKILL); returns whether nothing stale is left (a VM
+/// process outlives its killed supervisor for a moment).
+pub fn remove_stale(base: &Path) -> bool {
+    let mut clean = true;
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for e in entries.flatten() {
+            let pid = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
+            if let Some(pid) = pid
+                && !alive(pid)
+            {
+                log::info!("removing the stale jail {}", e.path().display());
+                // Only the empty mount point is ever left on the host.
+                clean &= std::fs::remove_dir(e.path()).is_ok();
+            }
+        }
+    }
+    if let Ok(layout) = Layout::detect() {
+        clean &= cgroup::remove_stale(&layout, alive);
+    }
+    clean
+}
+
+/// Puts the VM into a jail; see the module's description. `config`'s
+/// paths become canonical. Must be called before any thread starts.
+pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
+    if thread_count() != Some(1) {
+        return Err("internal error: the jail must be entered before any thread starts".into());
+    }
+    let (mounts, sockets) = place(config)?;
+    // Read while /sys is still there.
+    crate::host::is_emulating_nested_host();
+    std::fs::create_dir_all(&spec.base)
+        .map_err(|e| format!("--jail: cannot create {}: {e}", spec.base.display()))?;
+    remove_stale(&spec.base);
+    let me = std::process::id();
+    let root = spec.base.join(me.to_string());
+    std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let cgroup = Layout::detect().and_then(|layout| {
+        Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota)
+    });
+    let cgroup = match cgroup {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&root);
+            return Err(e);
+        }
+    };
+    let before: Vec<Option<Identity>> = sockets.iter().map(|s| identity(s)).collect();
+    let result = fork_jailed(
+        spec,
+        &mounts,
+        &root,
+        &cgroup,
+        &sockets,
+        config.nets.is_empty(),
+    );
+    if let Ok(Entered::Supervisor(_)) | Err(_) = &result {
+        // The VM process is gone: take away what it made.
+        for (socket, before) in sockets.iter().zip(before) {
+            if let Some(now) = identity(socket)
+                && Some(now) != before
+            {
+                let _ = std::fs::remove_file(socket);
+            }
+        }
+        cgroup.remove();
+        let _ = std::fs::remove_dir(&root);
+    }
+    result
+}
+
+/// A file's device, inode and change time: a socket made again in its
+/// place may get the same inode number, never the same change time too.
+type Identity = (u64, u64, i64, i64);
+
+/// The socket at `path`, if there is one.
+fn identity(path: &Path) -> Option<Identity> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_socket())
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
+fn fork_jailed(
+    spec: &Spec,
+    mounts: &[Mount],
+    root: &Path,
+    cgroup: &Cgroup,
+    sockets: &[PathBuf],
+    own_network: bool,
+) -> Result<Entered, String> {
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_err("cannot create a pipe"));
+    }
+    // SAFETY: unshare(CLONE_NEWPID) affects only the children made next.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(os_err("cannot create a PID namespace"));
+    }
+    // SAFETY: this process has one thread (checked by `enter`), so the child
+    // is a complete copy that may go on running Rust code.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(os_err("cannot start the VM process"));
+    }
+    if child == 0 {
+        // SAFETY: our copy of the write end.
+        unsafe { libc::close(pipe[1]) };
+        return match confine(spec, mounts, root, cgroup, own_network, pipe[0]) {
+            Ok(parent_alive) => Ok(Entered::Jailed(Jailed {
+                uid: spec.uid,
+                gid: spec.gid,
+                sockets: sockets.to_vec(),
+                parent_alive,
+            })),
+            Err(e) => {
+                eprintln!("ligera: error: cannot jail the VM: {e}");
+                std::process::exit(crate::exit::EXIT_VMM_ERROR);
+            }
+        };
+    }
+    // SAFETY: our copy of the read end; the write end stays open until we exit.
+    unsafe { libc::close(pipe[0]) };
+    let status = supervise(child);
+    let code = match status {
+        Status::Exited(code) => code,
+        Status::Signaled(sig) => {
+            if sig == libc::SIGKILL && cgroup.oom_kills() > 0 {
+                eprintln!(
+                    "ligera: the VM reached its memory ceiling ({}: guest RAM and ligera's own \
+                     memory; see --memory-limit) and the kernel killed it",
+                    crate::config::format_size(spec.memory_limit)
+                );
+            } else {
+                eprintln!("ligera: the VM process was killed by signal {sig}");
+            }
+            128 + sig
+        }
+    };
+    Ok(Entered::Supervisor(code))
+}
+
+enum Status {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Waits for the VM process, passing on the signals that end a VM.
+fn supervise(child: libc::pid_t) -> Status {
+    const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    // SAFETY: a sigset_t we own, filled by sigemptyset/sigaddset; blocking
+    // signals in this (single-threaded) process so sigwaitinfo takes them.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            libc::sigaddset(&mut set, *sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        loop {
+            let mut status = 0;
+            let done = libc::waitpid(child, &mut status, libc::WNOHANG);
+            if done == child {
+                if libc::WIFEXITED(status) {
+                    return Status::Exited(libc::WEXITSTATUS(status));
+                }
+                if libc::WIFSIGNALED(status) {
+                    return Status::Signaled(libc::WTERMSIG(status));
+                }
+                continue;
+            }
+            if done < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return Status::Exited(crate::exit::EXIT_VMM_ERROR);
+            }
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&set, &mut info);
+            if FORWARDED.contains(&sig) {
+                libc::kill(child, sig);
+            }
+        }
+    }
+}
+
+/// The VM process's first steps: returns the descriptor that tells
+/// whether the supervisor is still there.
+fn confine(
+    spec: &Spec,
+    mounts: &[Mount],
+    root: &Path,
+    cgroup: &Cgroup,
+    own_network: bool,
+    parent_alive: i32,
+) -> Result<i32, String> {
+    // SAFETY: plain system calls on values we own; this process has one thread.
+    unsafe {
+        // Keep only stdio and the supervisor pipe (as descriptor 3).
+        if parent_alive != 3 && libc::dup2(parent_alive, 3) < 0 {
+            return Err(os_err("dup2"));
+        }
+        let close_from = 4u32;
+        if libc::syscall(libc::SYS_close_range, close_from, u32::MAX, 0) != 0 {
+            return Err(os_err("cannot close inherited descriptors"));
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(os_err("prctl(PR_SET_PDEATHSIG)"));
+        }
+    }
+    let parent_alive = 3;
+    cgroup.join()?;
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if own_network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare on this single-threaded process.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(os_err("cannot create namespaces"));
+    }
+    let hostname = b"ligera";
+    // SAFETY: the name is a valid buffer of that length.
+    unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
+    make_root(mounts, root)?;
+    set_limits(spec, mounts)?;
+    Ok(parent_alive)
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let source = source.map(cstr).transpose()?;
+    let target_c = cstr(target)?;
+    let fstype = fstype.map(|f| CString::new(f).unwrap_or_default());
+    let data = data.map(|d| CString::new(d).unwrap_or_default());
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: NUL-terminated strings that live across the call, or null.
+    let ret = unsafe {
+        libc::mount(
+            ptr(&source),
+            target_c.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(os_err(format!("cannot mount {}", target.display())));
+    }
+    Ok(())
+}
+
+/// Builds the jail's root on a tmpfs at `root` and makes it `/`.
+fn make_root(mounts: &[Mount], root: &Path) -> Result<(), String> {
+    // Nothing we mount may reach the host's mount namespace.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    mount(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("size=64k,nr_inodes=1024,mode=0755"),
+    )?;
+    for (i, m) in mounts.iter().enumerate() {
+        // Already visible through a directory bound before it.
+        if mounts[..i]
+            .iter()
+            .any(|d| d.dir && m.path.starts_with(&d.path))
+        {
+            continue;
+        }
+        let target = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let made = if m.dir {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        };
+        made.map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        mount(Some(&m.path), &target, None, libc::MS_BIND, None)
+            .map_err(|e| format!("{e} (binding {} into the jail)", m.path.display()))?;
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
+        if !m.writable {
+            flags |= libc::MS_RDONLY;
+        }
+        let device = std::fs::metadata(&m.path)
+            .is_ok_and(|d| d.file_type().is_char_device() || d.file_type().is_block_device());
+        if !device {
+            flags |= libc::MS_NODEV;
+        }
+        flags |= libc::MS_NOEXEC;
+        mount(None, &target, None, flags, None)?;
+    }
+    let root_c = cstr(root)?;
+    let dot = c".";
+    // SAFETY: path strings that live across the calls. pivot_root(".", ".")
+    // stacks the old root on top of the new one; detaching it leaves only
+    // the jail.
+    unsafe {
+        if libc::chdir(root_c.as_ptr()) != 0 {
+            return Err(os_err(format!("cannot enter {}", root.display())));
+        }
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
+            return Err(os_err("pivot_root"));
+        }
+        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(os_err("cannot detach the host's root"));
+        }
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(os_err("chdir /"));
+        }
+    }
+    // The jail's own directories and mount points are read-only.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
+        None,
+    )
+}
+
+/// No core dumps, a bounded number of open files, and files no larger
+/// than the largest writable disk (at least 1 GiB, which bounds the serial log).
+fn set_limits(_spec: &Spec, mounts: &[Mount]) -> Result<(), String> {
+    let largest = mounts
+        .iter()
+        .filter(|m| m.writable && !m.dir)
+        .filter_map(|m| std::fs::metadata(&m.path).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0);
+    let limits = [
+        (libc::RLIMIT_CORE, 0),
+        (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
+        (libc::RLIMIT_FSIZE, largest.max(MIN_FILE_SIZE_LIMIT)),
+    ];
+    for (resource, value) in limits {
+        let limit = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(os_err(format!("setrlimit({resource})")));
+        }
+    }
+    Ok(())
+}
+
+impl Jailed {
+    /// Drops to the jail's uid and gid with no capabilities and
+    /// no_new_privs. Call after the VM is built and its sockets exist, and
+    /// before any thread starts: a uid change applies to the calling thread,
+    /// so there must be only one.
+    pub fn lock_down(self) -> Result<(), String> {
+        for socket in &self.sockets {
+            if let Ok(c) = cstr(socket) {
+                // SAFETY: a NUL-terminated path. The VM's own sockets become
+                // the jailed user's, so it can still connect to them and the
+                // guest's hosts can connect as before.
+                unsafe { libc::lchown(c.as_ptr(), self.uid, self.gid) };
+            }
+        }
+        // SAFETY: plain system calls on values we own, in a process with
+        // one thread.
+        unsafe {
+            // Capabilities can never come back, not even through exec.
+            let mut cap = 0;
+            while libc::prctl(libc::PR_CAPBSET_DROP, cap) == 0 {
+                cap += 1;
+            }
+            if cap == 0 {
+                return Err(os_err("cannot drop capabilities"));
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(os_err("setgroups"));
+            }
+            if libc::setresgid(self.gid, self.gid, self.gid) != 0 {
+                return Err(os_err(format!("cannot change to gid {}", self.gid)));
+            }
+            if libc::setresuid(self.uid, self.uid, self.uid) != 0 {
+                return Err(os_err(format!("cannot change to uid {}", self.uid)));
+            }
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(os_err("cannot clear ambient capabilities"));
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(os_err("cannot set no_new_privs"));
+            }
+            // A uid change clears the parent-death signal: set it again, then
+            // make sure the supervisor did not go in between.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let mut poll = libc::pollfd {
+                fd: self.parent_alive,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut poll, 1, 0) != 0 {
+                return Err("the supervising ligera is gone".into());
+            }
+        }
+        check_no_capabilities()
+    }
+}
+
+fn check_no_capabilities() -> Result<(), String> {
+    let mut header = libc_cap::Header {
+        version: libc_cap::VERSION_3,
+        pid: 0,
+    };
+    let mut data = [libc_cap::Data::default(); 2];
+    // SAFETY: capget fills two data structs for version 3.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(os_err("capget"));
+    }
+    if data
+        .iter()
+        .any(|d| d.effective != 0 || d.permitted != 0 || d.inheritable != 0)
+    {
+        return Err("capabilities are left after dropping them".into());
+    }
+    Ok(())
+}
+
+/// capget's structures (linux/capability.h), which libc does not define.
+mod libc_cap {
+    pub const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    pub struct Header {
+        pub version: u32,
+        pub pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    pub struct Data {
+        pub effective: u32,
+        pub permitted: u32,
+        pub inheritable: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_become_canonical_and_sockets_bring_their_directory() {
+        let dir = std::env::temp_dir().join(format!("ligera-jail-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("k"), b"").unwrap();
+        std::fs::write(dir.join("disk"), b"").unwrap();
+        std::os::unix::fs::symlink(dir.join("disk"), dir.join("link")).unwrap();
+        let mut config = VmConfig::new(dir.join("sub/../k"));
+        config.disks.push(crate::config::DiskConfig {
+            path: dir.join("link"),
+            readonly: true,
+            id: None,
+        });
+        config.api_socket = Some(dir.join("sub/api.sock"));
+        let (mounts, sockets) = place(&mut config).unwrap();
+        assert_eq!(config.kernel, dir.join("k"));
+        assert_eq!(config.disks[0].path, dir.join("disk"));
+        assert_eq!(sockets, vec![dir.join("sub/api.sock")]);
+        assert!(mounts[0].dir && mounts[0].path == dir.join("sub"));
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.path == dir.join("disk") && !m.writable)
+        );
+        assert!(mounts.iter().any(|m| m.path == Path::new("/dev/kvm")));
+        // A missing file or a socket in / cannot be placed.
+        config.disks[0].path = dir.join("missing");
+        assert!(place(&mut config).unwrap_err().contains("--disk"));
+        config.disks.clear();
+        config.api_socket = Some("/api.sock".into());
+        assert!(
+            place(&mut config)
+                .unwrap_err()
+                .contains("directory of its own")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn limits_need_the_jail() {
+        let config = VmConfig::new("k".into());
+        let off = JailOptions {
+            no_jail: true,
+            cpu_quota: Some(50_000),
+            ..Default::default()
+        };
+        assert!(off.spec(&config).unwrap_err().contains("--no-jail"));
+        let root_uid = JailOptions {
+            uid: Some(0),
+            ..Default::default()
+        };
+        if is_root() {
+            assert!(root_uid.spec(&config).is_err());
+            let spec = JailOptions::default().spec(&config).unwrap().unwrap();
+            assert_eq!(spec.memory_limit, config.mem_size + DEFAULT_OVERHEAD);
+            assert_eq!((spec.uid, spec.gid), (DEFAULT_ID, DEFAULT_ID));
+        }
+    }
+}
