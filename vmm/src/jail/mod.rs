@@ -170,6 +170,7 @@ impl JailOptions {
             gid,
             cpu_quota: self.cpu_quota,
             memory_limit,
+            limits_required: self.cpu_quota.is_some() || self.memory_limit.is_some(),
         }))
     }
 }
@@ -183,6 +184,9 @@ pub struct Spec {
     pub gid: u32,
     pub cpu_quota: Option<u64>,
     pub memory_limit: u64,
+    /// `--cpu-quota` or `--memory-limit` was given: no cgroup is an error,
+    /// not a warning.
+    pub limits_required: bool,
 }
 
 /// Something the VM uses, bind-mounted into the jail at the same path.
@@ -404,9 +408,18 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     let me = std::process::id();
     let root = spec.base.join(me.to_string());
     std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let cgroup = Layout::detect().and_then(|layout| {
-        Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota)
-    });
+    let cgroup = match Layout::detect() {
+        Ok(layout) => {
+            Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota).map(Some)
+        }
+        // `ip netns exec` mounts a /sys of its own, without the cgroup
+        // hierarchies: the jail goes on without limits, unless some were asked for.
+        Err(e) if !spec.limits_required => {
+            eprintln!("ligera: warning: {e}: the VM runs without a memory ceiling or CPU quota");
+            Ok(None)
+        }
+        Err(e) => Err(format!("{e} (needed for --cpu-quota and --memory-limit)")),
+    };
     let cgroup = match cgroup {
         Ok(c) => c,
         Err(e) => {
@@ -414,12 +427,13 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
             return Err(e);
         }
     };
+    let cgroup = cgroup.as_ref();
     let before: Vec<Option<Identity>> = sockets.iter().map(|s| identity(s)).collect();
     let result = fork_jailed(
         spec,
         &mounts,
         &root,
-        &cgroup,
+        cgroup,
         &sockets,
         config.nets.is_empty(),
     );
@@ -432,7 +446,9 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
                 let _ = std::fs::remove_file(socket);
             }
         }
-        cgroup.remove();
+        if let Some(c) = cgroup {
+            c.remove();
+        }
         let _ = std::fs::remove_dir(&root);
     }
     result
@@ -458,7 +474,7 @@ fn fork_jailed(
     spec: &Spec,
     mounts: &[Mount],
     root: &Path,
-    cgroup: &Cgroup,
+    cgroup: Option<&Cgroup>,
     sockets: &[PathBuf],
     own_network: bool,
 ) -> Result<Entered, String> {
@@ -471,6 +487,13 @@ fn fork_jailed(
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(os_err("cannot create a PID namespace"));
     }
+    // Blocked before the fork: the supervisor takes them with sigwaitinfo,
+    // and in the VM process they stay pending until its signal fd reads
+    // them (as PID 1 of its namespace it would otherwise ignore them).
+    let signals = supervised_signals();
+    // SAFETY: blocking signals in this single-threaded process.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    let terminal = Terminal::save();
     // SAFETY: this process has one thread (checked by `enter`), so the child
     // is a complete copy that may go on running Rust code.
     let child = unsafe { libc::fork() };
@@ -478,8 +501,14 @@ fn fork_jailed(
         return Err(os_err("cannot start the VM process"));
     }
     if child == 0 {
-        // SAFETY: our copy of the write end.
-        unsafe { libc::close(pipe[1]) };
+        // SAFETY: our copy of the write end; SIGCHLD back to normal.
+        unsafe {
+            libc::close(pipe[1]);
+            let mut chld: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut chld);
+            libc::sigaddset(&mut chld, libc::SIGCHLD);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
+        }
         return match confine(spec, mounts, root, cgroup, own_network, pipe[0]) {
             Ok(parent_alive) => Ok(Entered::Jailed(Jailed {
                 uid: spec.uid,
@@ -495,11 +524,16 @@ fn fork_jailed(
     }
     // SAFETY: our copy of the read end; the write end stays open until we exit.
     unsafe { libc::close(pipe[0]) };
-    let status = supervise(child);
+    let status = supervise(child, &signals);
+    if let Status::Signaled(_) | Status::Quit = status {
+        // It had no chance to put the terminal back.
+        terminal.restore();
+    }
     let code = match status {
+        Status::Quit => 128 + libc::SIGQUIT,
         Status::Exited(code) => code,
         Status::Signaled(sig) => {
-            if sig == libc::SIGKILL && cgroup.oom_kills() > 0 {
+            if sig == libc::SIGKILL && cgroup.is_some_and(|c| c.oom_kills() > 0) {
                 eprintln!(
                     "ligera: the VM reached its memory ceiling ({}: guest RAM and ligera's own \
                      memory; see --memory-limit) and the kernel killed it",
@@ -517,24 +551,59 @@ fn fork_jailed(
 enum Status {
     Exited(i32),
     Signaled(i32),
+    /// SIGQUIT reached the supervisor, which killed the VM process.
+    Quit,
 }
 
-/// Waits for the VM process, passing on the signals that end a VM.
-fn supervise(child: libc::pid_t) -> Status {
-    const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-    // SAFETY: a sigset_t we own, filled by sigemptyset/sigaddset; blocking
-    // signals in this (single-threaded) process so sigwaitinfo takes them.
+/// The signals that end a VM, passed on to the VM process.
+const FORWARDED: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+fn supervised_signals() -> libc::sigset_t {
+    // SAFETY: a sigset_t we own, filled by sigemptyset/sigaddset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+        for sig in FORWARDED.iter().chain(&[libc::SIGCHLD, libc::SIGQUIT]) {
             libc::sigaddset(&mut set, *sig);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// The terminal's settings on stdin, if it is one.
+struct Terminal(Option<libc::termios>);
+
+impl Terminal {
+    fn save() -> Terminal {
+        // SAFETY: tcgetattr fills the struct we own; it fails on a non-terminal.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            Terminal((libc::tcgetattr(0, &mut t) == 0).then_some(t))
+        }
+    }
+
+    fn restore(&self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: tcsetattr reads the struct saved above.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
+}
+
+/// Waits for the VM process, passing on the signals that end a VM
+/// (blocked in this process by the caller). SIGQUIT, which the VM process
+/// does not handle, kills it.
+fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> Status {
+    let mut quit = false;
+    // SAFETY: waitpid, sigwaitinfo and kill on our own child, with values we own.
+    unsafe {
         loop {
             let mut status = 0;
             let done = libc::waitpid(child, &mut status, libc::WNOHANG);
             if done == child {
+                if quit {
+                    return Status::Quit;
+                }
                 if libc::WIFEXITED(status) {
                     return Status::Exited(libc::WEXITSTATUS(status));
                 }
@@ -547,9 +616,12 @@ fn supervise(child: libc::pid_t) -> Status {
                 return Status::Exited(crate::exit::EXIT_VMM_ERROR);
             }
             let mut info: libc::siginfo_t = std::mem::zeroed();
-            let sig = libc::sigwaitinfo(&set, &mut info);
+            let sig = libc::sigwaitinfo(set, &mut info);
             if FORWARDED.contains(&sig) {
                 libc::kill(child, sig);
+            } else if sig == libc::SIGQUIT {
+                quit = true;
+                libc::kill(child, libc::SIGKILL);
             }
         }
     }
@@ -561,7 +633,7 @@ fn confine(
     spec: &Spec,
     mounts: &[Mount],
     root: &Path,
-    cgroup: &Cgroup,
+    cgroup: Option<&Cgroup>,
     own_network: bool,
     parent_alive: i32,
 ) -> Result<i32, String> {
@@ -580,7 +652,9 @@ fn confine(
         }
     }
     let parent_alive = 3;
-    cgroup.join()?;
+    if let Some(c) = cgroup {
+        c.join()?;
+    }
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if own_network {
         flags |= libc::CLONE_NEWNET;
