@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{guests, spawn, vm_process};
 
-const JAIL_ID: u32 = 1_000_000_000;
+/// The jailed VM's uid and gid: this plus its supervisor's pid.
+const JAIL_ID_BASE: u32 = 1_000_000_000;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -145,7 +146,7 @@ fn a_jailed_vm_can_reach_only_what_it_was_given() {
                 .map(String::from)
                 .collect::<Vec<_>>()
         };
-        let id = JAIL_ID.to_string();
+        let id = (JAIL_ID_BASE + supervisor as u32).to_string();
         assert_eq!(field("Uid:"), vec![id.clone(); 4], "{status}");
         assert_eq!(field("Gid:"), vec![id; 4], "{status}");
         for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
@@ -200,7 +201,8 @@ fn a_jailed_vm_can_reach_only_what_it_was_given() {
         kernel_line.split(' ').nth(5).unwrap().starts_with("ro"),
         "{kernel_line}"
     );
-    assert_eq!(std::fs::metadata(&sock).unwrap().uid(), JAIL_ID);
+    // The control socket stays root's: accepting needs no ownership.
+    assert_eq!(std::fs::metadata(&sock).unwrap().uid(), 0);
 
     // Only its own descriptors: the inherited one is closed.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -368,6 +370,20 @@ fn jail_options_are_checked() {
         );
         assert_eq!(out.status, 1, "{out}");
         assert!(out.stderr.contains("directory of its own"), "{out}");
+        // /tmp is everyone's: the jail would show all of it.
+        let out = common::run(
+            &[
+                "run",
+                "--kernel",
+                kernel,
+                "--vsock",
+                "cid=3,socket=/tmp/ligera-test.sock",
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status, 1, "{out}");
+        assert!(out.stderr.contains("writable by others"), "{out}");
+        assert!(!Path::new("/tmp/ligera-test.sock").exists());
     }
     // Unjailed, the VM is ligera's own process.
     let mut vm = spawn(&[

@@ -104,8 +104,14 @@ impl DeviceManager {
         }
         for nic in &config.nets {
             let mac = nic.mac.unwrap_or_else(net::random_mac);
-            let device =
-                net::Net::new(net::Tap::open(&nic.tap)?, mac).map_err(BuildError::EventFd)?;
+            let device = net::Net::new(
+                match crate::jail::take_tap(&nic.tap) {
+                    Some(tap) => tap,
+                    None => net::Tap::open(&nic.tap)?,
+                },
+                mac,
+            )
+            .map_err(BuildError::EventFd)?;
             log::info!("virtio-net: tap {}, MAC {}", nic.tap, net::format_mac(&mac));
             placer.add(
                 &format!("virtio-net({})", nic.tap),

@@ -47,7 +47,7 @@ fn run_vm(args: vmm::cli::RunArgs) -> i32 {
         eprintln!("ligera: error: {e} (see 'ligera run --help')");
         return EXIT_USAGE;
     }
-    let jailed = match vmm::jail::start(&jail, &mut config) {
+    let jailed = match vmm::jail::start(&jail, &mut config, EXIT_VMM_ERROR) {
         Ok(Start::Supervisor(code)) => return code,
         Ok(Start::Vm(jailed)) => jailed,
         Err(JailError::Options(e)) => {

@@ -125,9 +125,16 @@ impl Cgroup {
     }
 
     fn make(&self, memory_limit: u64, cpu_quota_us: Option<u64>) -> Result<(), String> {
+        // The shared parent may exist; a VM's own group must be new (one
+        // left under our pid by an earlier life is empty and goes first).
         let mkdir = |p: &Path| match std::fs::create_dir(p) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !p.ends_with(&self.name) => {
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::remove_dir(p)
+                .and_then(|()| std::fs::create_dir(p))
+                .map_err(|e| format!("cannot create the cgroup {}: {e}", p.display())),
             Err(e) => Err(format!("cannot create the cgroup {}: {e}", p.display())),
         };
         match &self.layout {

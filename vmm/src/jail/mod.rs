@@ -28,13 +28,17 @@ use cgroup::{Cgroup, Layout};
 
 /// Where jail directories go unless `--jail=DIR` says otherwise.
 pub const DEFAULT_BASE: &str = "/run/ligera/jail";
-/// The uid and gid a jailed VM runs as unless `--uid`/`--gid` say otherwise:
-/// one that no distribution hands out (above the 16-bit range and the
-/// usual subordinate-id ranges of container tools).
+/// The jailed VM runs as uid and gid DEFAULT_ID + its supervisor's pid
+/// unless `--uid`/`--gid` say otherwise: ids no distribution hands out
+/// (above the 16-bit range and the usual subordinate-id ranges of container
+/// tools), one per VM.
 pub const DEFAULT_ID: u32 = 1_000_000_000;
 /// What ligera itself may use beyond guest RAM before the memory ceiling:
-/// its own heap and stacks, KVM's page tables, the page cache of its disks.
-pub const DEFAULT_OVERHEAD: u64 = 128 * MIB;
+/// its own heap and stacks, KVM's page tables (about 2 MiB per GiB of guest
+/// RAM mapped with 4 KiB pages), the page cache of its disks.
+pub fn default_overhead(guest_ram: u64) -> u64 {
+    128 * MIB + guest_ram / 64
+}
 /// Open files: the vsock device's 256 connections, disks, event fds and
 /// sockets fit with room to spare.
 const MAX_OPEN_FILES: u64 = 2048;
@@ -59,11 +63,12 @@ pub struct JailOptions {
     #[arg(long)]
     pub no_jail: bool,
 
-    /// The uid the jailed VM runs as (default 1000000000, which owns nothing).
+    /// The uid the jailed VM runs as (default 1000000000 + the supervising
+    /// ligera's pid: one per VM, owning nothing).
     #[arg(long, value_name = "UID")]
     pub uid: Option<u32>,
 
-    /// The gid the jailed VM runs as (default 1000000000).
+    /// The gid the jailed VM runs as (default as the uid).
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
 
@@ -73,8 +78,8 @@ pub struct JailOptions {
     pub cpu_quota: Option<u64>,
 
     /// Memory ceiling for the whole ligera process, guest RAM included
-    /// (default: guest RAM + 128M). A VM that reaches it is killed and
-    /// reported as such.
+    /// (default: guest RAM + 128M + 1/64 of guest RAM). A VM that reaches it
+    /// is killed and reported as such.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory_limit: Option<u64>,
 }
@@ -138,8 +143,11 @@ impl JailOptions {
             }
             return Ok(None);
         }
-        let uid = self.uid.unwrap_or(DEFAULT_ID);
-        let gid = self.gid.unwrap_or(DEFAULT_ID);
+        // One id per VM (its supervisor's pid added), so that jailed VMs
+        // cannot reach each other's sockets.
+        let own = DEFAULT_ID + std::process::id();
+        let uid = self.uid.unwrap_or(own);
+        let gid = self.gid.unwrap_or(own);
         if uid == 0 || gid == 0 {
             return Err("--uid/--gid 0 would leave the jailed VM root".into());
         }
@@ -152,7 +160,7 @@ impl JailOptions {
         }
         let memory_limit = self
             .memory_limit
-            .unwrap_or(config.mem_size + DEFAULT_OVERHEAD);
+            .unwrap_or(config.mem_size + default_overhead(config.mem_size));
         if memory_limit < 16 * MIB {
             return Err("--memory-limit: at least 16M".into());
         }
@@ -171,6 +179,7 @@ impl JailOptions {
             cpu_quota: self.cpu_quota,
             memory_limit,
             limits_required: self.cpu_quota.is_some() || self.memory_limit.is_some(),
+            failure_code: crate::exit::EXIT_VMM_ERROR,
         }))
     }
 }
@@ -187,6 +196,9 @@ pub struct Spec {
     /// `--cpu-quota` or `--memory-limit` was given: no cgroup is an error,
     /// not a warning.
     pub limits_required: bool,
+    /// The status the VM process exits with when it cannot be jailed (the
+    /// command's "could not run" status: 1 for run, 125 for sandboxes).
+    pub failure_code: i32,
 }
 
 /// Something the VM uses, bind-mounted into the jail at the same path.
@@ -229,10 +241,8 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
         dir: false,
         writable,
     };
+    // Taps are opened before the jail (see `confine`): no /dev/net/tun.
     let mut mounts = vec![file("/dev/kvm".into(), true)];
-    if !config.nets.is_empty() {
-        mounts.push(file("/dev/net/tun".into(), true));
-    }
     config.kernel = regular("--kernel", &config.kernel, false)?;
     mounts.push(file(config.kernel.clone(), false));
     if let Some(initrd) = &mut config.initrd {
@@ -277,6 +287,18 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
             return Err(format!(
                 "{flag}{}: the jail would have to hold all of /; put the socket in a directory of its own",
                 path.display()
+            ));
+        }
+        // The directory is visible in the jail: not one that others fill.
+        let mode = std::fs::metadata(&dir)
+            .map_err(|e| format!("{flag}{}: {e}", path.display()))?
+            .mode();
+        if mode & 0o1022 != 0 {
+            return Err(format!(
+                "{flag}{}: {} is writable by others (like /tmp), and the jail would hold all of it; \
+                 put the socket in a directory of its own",
+                path.display(),
+                dir.display()
             ));
         }
         *path = dir.join(name);
@@ -325,15 +347,36 @@ pub enum Start {
     Vm(Option<Jailed>),
 }
 
-/// Jails the VM as `options` say (see [`JailOptions::spec`] and [`enter`]).
-pub fn start(options: &JailOptions, config: &mut VmConfig) -> Result<Start, JailError> {
+/// Jails the VM as `options` say (see [`JailOptions::spec`] and [`enter`]);
+/// `failure_code` is the caller's status for "could not start the VM".
+pub fn start(
+    options: &JailOptions,
+    config: &mut VmConfig,
+    failure_code: i32,
+) -> Result<Start, JailError> {
     match options.spec(config).map_err(JailError::Options)? {
         None => Ok(Start::Vm(None)),
-        Some(spec) => match enter(&spec, config).map_err(JailError::Failed)? {
-            Entered::Supervisor(code) => Ok(Start::Supervisor(code)),
-            Entered::Jailed(j) => Ok(Start::Vm(Some(j))),
-        },
+        Some(mut spec) => {
+            spec.failure_code = failure_code;
+            let entered = enter(&spec, config).map_err(JailError::Failed)?;
+            Ok(match entered {
+                Entered::Supervisor(code) => Start::Supervisor(code),
+                Entered::Jailed(j) => Start::Vm(Some(j)),
+            })
+        }
     }
+}
+
+/// Taps the VM process opened before entering its network namespace.
+static PREOPENED_TAPS: std::sync::Mutex<Vec<devices::virtio::net::Tap>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The tap named `name` if the jail opened it (the builder's source of taps
+/// in a jailed VM process).
+pub fn take_tap(name: &str) -> Option<devices::virtio::net::Tap> {
+    let mut taps = PREOPENED_TAPS.lock().unwrap_or_else(|e| e.into_inner());
+    let i = taps.iter().position(|t| t.name() == name)?;
+    Some(taps.remove(i))
 }
 
 /// Which side of the fork [`enter`] returns on.
@@ -407,13 +450,17 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     remove_stale(&spec.base);
     let me = std::process::id();
     let root = spec.base.join(me.to_string());
+    // One named by our own pid is a previous life's (ligera as PID 1 of a
+    // container that was killed and started again).
+    let _ = std::fs::remove_dir(&root);
     std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let cgroup = match Layout::detect() {
-        Ok(layout) => {
-            Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota).map(Some)
-        }
+    let cgroup = match Layout::detect().and_then(|layout| {
+        Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota)
+    }) {
+        Ok(c) => Ok(Some(c)),
         // `ip netns exec` mounts a /sys of its own, without the cgroup
-        // hierarchies: the jail goes on without limits, unless some were asked for.
+        // hierarchies, and a container may not let us make one: the jail
+        // goes on without limits, unless some were asked for.
         Err(e) if !spec.limits_required => {
             eprintln!("ligera: warning: {e}: the VM runs without a memory ceiling or CPU quota");
             Ok(None)
@@ -429,19 +476,30 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     };
     let cgroup = cgroup.as_ref();
     let before: Vec<Option<Identity>> = sockets.iter().map(|s| identity(s)).collect();
+    // The vsock socket becomes the jailed user's: the sandbox's own client
+    // thread connects to it after the uid change.
+    let connectable: Vec<PathBuf> = config.vsock.iter().map(|v| v.socket.clone()).collect();
     let result = fork_jailed(
         spec,
         &mounts,
         &root,
         cgroup,
-        &sockets,
-        config.nets.is_empty(),
+        &connectable,
+        &config
+            .nets
+            .iter()
+            .map(|n| n.tap.clone())
+            .collect::<Vec<_>>(),
     );
     if let Ok(Entered::Supervisor(_)) | Err(_) = &result {
-        // The VM process is gone: take away what it made.
+        // The VM process is gone: take away the sockets it made, which
+        // nobody listens on any more (one that another process made in the
+        // meantime, and listens on, stays).
         for (socket, before) in sockets.iter().zip(before) {
             if let Some(now) = identity(socket)
                 && Some(now) != before
+                && devices::virtio::vsock::host::connect_nonblocking(socket)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
             {
                 let _ = std::fs::remove_file(socket);
             }
@@ -476,7 +534,7 @@ fn fork_jailed(
     root: &Path,
     cgroup: Option<&Cgroup>,
     sockets: &[PathBuf],
-    own_network: bool,
+    taps: &[String],
 ) -> Result<Entered, String> {
     let mut pipe = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
@@ -491,8 +549,12 @@ fn fork_jailed(
     // and in the VM process they stay pending until its signal fd reads
     // them (as PID 1 of its namespace it would otherwise ignore them).
     let signals = supervised_signals();
-    // SAFETY: blocking signals in this single-threaded process.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // SAFETY: blocking signals in this single-threaded process; SIGCHLD
+    // ignored (inherited through exec) would reap the child unseen.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+    }
     let terminal = Terminal::save();
     // SAFETY: this process has one thread (checked by `enter`), so the child
     // is a complete copy that may go on running Rust code.
@@ -509,7 +571,7 @@ fn fork_jailed(
             libc::sigaddset(&mut chld, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
         }
-        return match confine(spec, mounts, root, cgroup, own_network, pipe[0]) {
+        return match confine(spec, mounts, root, cgroup, taps, pipe[0]) {
             Ok(parent_alive) => Ok(Entered::Jailed(Jailed {
                 uid: spec.uid,
                 gid: spec.gid,
@@ -517,14 +579,22 @@ fn fork_jailed(
                 parent_alive,
             })),
             Err(e) => {
-                eprintln!("ligera: error: cannot jail the VM: {e}");
-                std::process::exit(crate::exit::EXIT_VMM_ERROR);
+                eprintln!("ligera: error: {e}");
+                std::process::exit(spec.failure_code);
             }
         };
     }
-    // SAFETY: our copy of the read end; the write end stays open until we exit.
-    unsafe { libc::close(pipe[0]) };
-    let status = supervise(child, &signals);
+    // SAFETY: our copy of the read end (the write end stays open until we
+    // exit); every signal blocked, so none ends the supervisor before it
+    // has cleaned up: `supervise` takes them all.
+    let all = unsafe {
+        libc::close(pipe[0]);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        all
+    };
+    let status = supervise(child, &all);
     if let Status::Signaled(_) | Status::Quit = status {
         // It had no chance to put the terminal back.
         terminal.restore();
@@ -590,9 +660,11 @@ impl Terminal {
     }
 }
 
-/// Waits for the VM process, passing on the signals that end a VM
-/// (blocked in this process by the caller). SIGQUIT, which the VM process
-/// does not handle, kills it.
+/// Waits for the VM process (every signal blocked in this process by the
+/// caller). SIGINT, SIGTERM and SIGHUP are passed on; SIGQUIT, which the VM
+/// process does not handle, kills it; any other signal whose default would
+/// end a process ends the VM as SIGTERM does; job control, window size and
+/// urgent-data signals are ignored.
 fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> Status {
     let mut quit = false;
     // SAFETY: waitpid, sigwaitinfo and kill on our own child, with values we own.
@@ -617,11 +689,22 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> Status {
             }
             let mut info: libc::siginfo_t = std::mem::zeroed();
             let sig = libc::sigwaitinfo(set, &mut info);
+            const IGNORED: [i32; 7] = [
+                libc::SIGCHLD,
+                libc::SIGCONT,
+                libc::SIGTSTP,
+                libc::SIGTTIN,
+                libc::SIGTTOU,
+                libc::SIGWINCH,
+                libc::SIGURG,
+            ];
             if FORWARDED.contains(&sig) {
                 libc::kill(child, sig);
             } else if sig == libc::SIGQUIT {
                 quit = true;
                 libc::kill(child, libc::SIGKILL);
+            } else if sig > 0 && !IGNORED.contains(&sig) {
+                libc::kill(child, libc::SIGTERM);
             }
         }
     }
@@ -634,34 +717,68 @@ fn confine(
     mounts: &[Mount],
     root: &Path,
     cgroup: Option<&Cgroup>,
-    own_network: bool,
+    taps: &[String],
     parent_alive: i32,
 ) -> Result<i32, String> {
+    confine_steps(spec, mounts, root, cgroup, taps, parent_alive).map_err(|e| match e {
+        Step::Tap(e) => e,
+        Step::Jail(e) => format!("cannot jail the VM: {e}"),
+    })
+}
+
+/// A failed step of `confine`: opening a tap (the user's to fix, said as
+/// the builder says it) or making the jail.
+enum Step {
+    Tap(String),
+    Jail(String),
+}
+
+impl From<String> for Step {
+    fn from(e: String) -> Step {
+        Step::Jail(e)
+    }
+}
+
+fn confine_steps(
+    spec: &Spec,
+    mounts: &[Mount],
+    root: &Path,
+    cgroup: Option<&Cgroup>,
+    taps: &[String],
+    parent_alive: i32,
+) -> Result<i32, Step> {
     // SAFETY: plain system calls on values we own; this process has one thread.
     unsafe {
         // Keep only stdio and the supervisor pipe (as descriptor 3).
         if parent_alive != 3 && libc::dup2(parent_alive, 3) < 0 {
-            return Err(os_err("dup2"));
+            return Err(os_err("dup2").into());
         }
         let close_from = 4u32;
         if libc::syscall(libc::SYS_close_range, close_from, u32::MAX, 0) != 0 {
-            return Err(os_err("cannot close inherited descriptors"));
+            return Err(os_err("cannot close inherited descriptors").into());
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return Err(os_err("prctl(PR_SET_PDEATHSIG)"));
+            return Err(os_err("prctl(PR_SET_PDEATHSIG)").into());
         }
     }
     let parent_alive = 3;
     if let Some(c) = cgroup {
         c.join()?;
     }
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if own_network {
-        flags |= libc::CLONE_NEWNET;
+    // Taps are opened in the network namespace they are plugged into; their
+    // descriptors go on working from the VM's own, empty one.
+    for name in taps {
+        let tap =
+            devices::virtio::net::Tap::open(name).map_err(|e| Step::Tap(format!("--net: {e}")))?;
+        PREOPENED_TAPS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tap);
     }
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
     // SAFETY: unshare on this single-threaded process.
     if unsafe { libc::unshare(flags) } != 0 {
-        return Err(os_err("cannot create namespaces"));
+        return Err(os_err("cannot create namespaces").into());
     }
     let hostname = b"ligera";
     // SAFETY: the name is a valid buffer of that length.
@@ -699,6 +816,37 @@ fn mount(
     Ok(())
 }
 
+/// Binds `m` (opened as `source`) at its path under `root`, with its flags.
+fn bind(m: &Mount, source: &Path, root: &Path) -> Result<(), String> {
+    let target = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
+    // A file already visible through a directory bound before it is
+    // bound again on top, with its own flags; nothing is created there.
+    if target.symlink_metadata().is_err() {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let made = if m.dir {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        };
+        made.map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    }
+    mount(Some(source), &target, None, libc::MS_BIND, None)
+        .map_err(|e| format!("{e} (binding {} into the jail)", m.path.display()))?;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NOEXEC;
+    if !m.writable {
+        flags |= libc::MS_RDONLY;
+    }
+    let device = std::fs::metadata(source)
+        .is_ok_and(|d| d.file_type().is_char_device() || d.file_type().is_block_device());
+    if !device {
+        flags |= libc::MS_NODEV;
+    }
+    mount(None, &target, None, flags, None)
+}
+
 /// Builds the jail's root on a tmpfs at `root` and makes it `/`.
 fn make_root(mounts: &[Mount], root: &Path) -> Result<(), String> {
     // Nothing we mount may reach the host's mount namespace.
@@ -716,38 +864,30 @@ fn make_root(mounts: &[Mount], root: &Path) -> Result<(), String> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("size=64k,nr_inodes=1024,mode=0755"),
     )?;
-    for (i, m) in mounts.iter().enumerate() {
-        // Already visible through a directory bound before it.
-        if mounts[..i]
-            .iter()
-            .any(|d| d.dir && m.path.starts_with(&d.path))
-        {
-            continue;
+    for m in mounts {
+        // The object bound is the one opened here, checked to be at the
+        // canonical path still (not swapped for a symlink since `place`)
+        // and of the kind expected.
+        let path_c = cstr(&m.path)?;
+        // SAFETY: a NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe { libc::open(path_c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_err(format!("cannot open {}", m.path.display())));
         }
-        let target = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        let made = if m.dir {
-            std::fs::create_dir(&target)
+        let source = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let checked = std::fs::read_link(&source).ok() == Some(m.path.clone())
+            && std::fs::metadata(&source).is_ok_and(|meta| meta.is_dir() == m.dir);
+        let bound = if checked {
+            bind(m, &source, root)
         } else {
-            std::fs::File::create(&target).map(drop)
+            Err(format!(
+                "{} changed while the jail was made",
+                m.path.display()
+            ))
         };
-        made.map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-        mount(Some(&m.path), &target, None, libc::MS_BIND, None)
-            .map_err(|e| format!("{e} (binding {} into the jail)", m.path.display()))?;
-        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
-        if !m.writable {
-            flags |= libc::MS_RDONLY;
-        }
-        let device = std::fs::metadata(&m.path)
-            .is_ok_and(|d| d.file_type().is_char_device() || d.file_type().is_block_device());
-        if !device {
-            flags |= libc::MS_NODEV;
-        }
-        flags |= libc::MS_NOEXEC;
-        mount(None, &target, None, flags, None)?;
+        // SAFETY: our descriptor from open above.
+        unsafe { libc::close(fd) };
+        bound?;
     }
     let root_c = cstr(root)?;
     let dot = c".";
@@ -820,9 +960,9 @@ impl Jailed {
     pub fn lock_down(self) -> Result<(), String> {
         for socket in &self.sockets {
             if let Ok(c) = cstr(socket) {
-                // SAFETY: a NUL-terminated path. The VM's own sockets become
-                // the jailed user's, so it can still connect to them and the
-                // guest's hosts can connect as before.
+                // SAFETY: a NUL-terminated path, of the socket this process
+                // bound a moment ago; it becomes the jailed user's, who may
+                // then still connect to it.
                 unsafe { libc::lchown(c.as_ptr(), self.uid, self.gid) };
             }
         }
@@ -970,8 +1110,12 @@ mod tests {
         if is_root() {
             assert!(root_uid.spec(&config).is_err());
             let spec = JailOptions::default().spec(&config).unwrap().unwrap();
-            assert_eq!(spec.memory_limit, config.mem_size + DEFAULT_OVERHEAD);
-            assert_eq!((spec.uid, spec.gid), (DEFAULT_ID, DEFAULT_ID));
+            assert_eq!(
+                spec.memory_limit,
+                config.mem_size + 128 * MIB + config.mem_size / 64
+            );
+            let own = DEFAULT_ID + std::process::id();
+            assert_eq!((spec.uid, spec.gid), (own, own));
         }
     }
 }

@@ -333,7 +333,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     if let Err(e) = config.validate() {
         return fail(e);
     }
-    let jailed = match crate::jail::start(&args.vm.jail, &mut config) {
+    let jailed = match crate::jail::start(&args.vm.jail, &mut config, EXIT_SANDBOX_ERROR) {
         Ok(crate::jail::Start::Supervisor(code)) => return code,
         Ok(crate::jail::Start::Vm(jailed)) => jailed,
         Err(e) => return fail(e),

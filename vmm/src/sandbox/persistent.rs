@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BOOT_TIMEOUT, EXIT_TIMEOUT, ExecOptions, RunDir, VmOptions, client, console_tail, fail,
-    prepare, runtime_dir,
+    BOOT_TIMEOUT, EXIT_SANDBOX_ERROR, EXIT_TIMEOUT, ExecOptions, RunDir, VmOptions, client,
+    console_tail, fail, prepare, runtime_dir,
 };
 use crate::config::format_size;
 use crate::exit::EXIT_OK;
@@ -250,7 +250,7 @@ pub fn serve(args: ServeArgs) -> i32 {
     if let Err(e) = written {
         return fail(format!("cannot write to {}: {e}", dir.0.display()));
     }
-    let jailed = match crate::jail::start(&args.vm.jail, &mut config) {
+    let jailed = match crate::jail::start(&args.vm.jail, &mut config, EXIT_SANDBOX_ERROR) {
         Ok(crate::jail::Start::Supervisor(code)) => return code,
         Ok(crate::jail::Start::Vm(jailed)) => jailed,
         Err(e) => return fail(e),
@@ -532,7 +532,8 @@ pub fn rm(args: RmArgs) -> i32 {
             status = fail(format!("no sandbox named {name}"));
             continue;
         }
-        if let Some(pid) = live_pid(&dir) {
+        let killed = live_pid(&dir);
+        if let Some(pid) = killed {
             if !args.force {
                 status = fail(format!("sandbox {name} is running (use -f to end it)"));
                 continue;
@@ -552,10 +553,12 @@ pub fn rm(args: RmArgs) -> i32 {
         }
         // What a ligera killed with SIGKILL leaves: its VM process ends
         // with it, then its jail's mount point and cgroup can go.
+        let base = std::path::Path::new(crate::jail::DEFAULT_BASE);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let clean = crate::jail::remove_stale(std::path::Path::new(crate::jail::DEFAULT_BASE));
-            if clean || Instant::now() > deadline {
+            crate::jail::remove_stale(base);
+            let left = killed.is_some_and(|pid| base.join(pid.to_string()).exists());
+            if !left || Instant::now() > deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
