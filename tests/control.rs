@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Running, guests, spawn};
+use common::{Running, guests};
 
 fn socket_path(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -23,23 +23,9 @@ fn socket_path(name: &str) -> PathBuf {
 
 /// Starts the counting guest with a control socket at `sock`.
 fn counting_vm(sock: &Path, extra: &[&str]) -> Running {
-    let g = guests();
-    let mut args = vec![
-        "run",
-        "--kernel",
-        g.elf64.to_str().unwrap(),
-        "--no-host-quirks",
-        "--memory",
-        "32M",
-        "--cmdline",
-        "test=count",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ];
+    let mut args = vec!["--api-sock", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut vm = spawn(&args);
-    vm.wait_for("COUNT 3\n", Duration::from_secs(30));
-    vm
+    common::counting_guest(&args)
 }
 
 /// One request on a new connection; returns the status and the body.

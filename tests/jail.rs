@@ -276,17 +276,7 @@ fn after_sigkill_the_next_ligera_cleans_up() {
         return;
     }
     let g = guests();
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        g.elf64.to_str().unwrap(),
-        "--no-host-quirks",
-        "--memory",
-        "32M",
-        "--cmdline",
-        "test=count",
-    ]);
-    vm.wait_for("COUNT 3\n", Duration::from_secs(30));
+    let vm = common::counting_guest(&[]);
     let supervisor = vm.pid();
     let pid = vm_process(supervisor);
     assert_ne!(pid, supervisor);
@@ -386,18 +376,7 @@ fn jail_options_are_checked() {
         assert!(!Path::new("/tmp/ligera-test.sock").exists());
     }
     // Unjailed, the VM is ligera's own process.
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        kernel,
-        "--no-host-quirks",
-        "--memory",
-        "32M",
-        "--cmdline",
-        "test=count",
-        "--no-jail",
-    ]);
-    vm.wait_for("COUNT 3\n", Duration::from_secs(30));
+    let vm = common::counting_guest(&["--no-jail"]);
     assert_eq!(vm_process(vm.pid()), vm.pid());
     let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     assert_eq!(

@@ -429,6 +429,26 @@ pub fn random_file(name: &str, len: usize, seed: u64) -> PathBuf {
     path
 }
 
+/// Starts the test guest in its counting mode (32 MiB, `extra` flags
+/// added) and returns once it has counted to 3.
+pub fn counting_guest(extra: &[&str]) -> Running {
+    let g = guests();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        g.elf64.to_str().unwrap(),
+        "--no-host-quirks",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "test=count",
+    ];
+    args.extend_from_slice(extra);
+    let mut vm = spawn(&args);
+    vm.wait_for("COUNT 3\n", Duration::from_secs(30));
+    vm
+}
+
 /// A listener for the guest's connections to a host port (the Unix socket
 /// `PATH_PORT`): writable by everyone, as a jailed VM runs as its own uid.
 pub fn guest_port_listener(path: &Path) -> std::os::unix::net::UnixListener {

@@ -110,7 +110,7 @@ impl JailedProcess {
         assert!(supervisor >= 0, "fork failed");
         if supervisor == 0 {
             let code = match vmm::jail::enter(&spec, &mut config) {
-                Ok(vmm::jail::Entered::Supervisor(code)) => code,
+                Ok(vmm::jail::Entered::Supervisor { code, .. }) => code,
                 Ok(vmm::jail::Entered::Jailed(jailed)) => {
                     jailed_worker(jailed, &config, &control, size);
                     0

@@ -257,11 +257,14 @@ impl Vm {
     /// for several RCU grace periods; where that is safe, a child pays for
     /// it instead (see [`hand_off_teardown`]).
     pub fn exit_process(self, code: i32) -> ! {
-        // As PID 1 of a PID namespace, the child would be killed with us and
-        // our exit would wait for it anyway.
+        // As PID 1 of a PID namespace (a jailed VM), a child would be killed
+        // with us and our exit would wait for it anyway: the jail's
+        // supervisor, outside the namespace, takes the VM instead.
         let pid_one = std::process::id() == 1;
         let inline = std::env::var_os("LIGERA_INLINE_TEARDOWN").is_some();
-        if !pid_one && !inline {
+        if pid_one && !inline {
+            crate::jail::hand_vm_to_supervisor(self.vm.as_raw_fd());
+        } else if !inline {
             hand_off_teardown(self.vm.as_raw_fd());
         }
         drop(self);
@@ -279,7 +282,7 @@ impl Vm {
 /// PR_SET_PDEATHSIG kills it), so all of that happens when the child ends,
 /// and whoever waits for ligera sees it exit at once. If the child cannot be
 /// made, the teardown simply happens at exit as usual.
-fn hand_off_teardown(vm_fd: RawFd) {
+pub(crate) fn hand_off_teardown(vm_fd: RawFd) {
     const STACK_SIZE: usize = 16 * 1024;
     /// What the child needs: who to outlive, and the one descriptor to keep.
     struct Handoff {

@@ -182,12 +182,22 @@ impl Cgroup {
             .collect()
     }
 
-    /// Moves the calling process into the group (before it allocates guest
-    /// memory, so that is charged here).
+    /// Moves the calling process, which must have one thread, into the
+    /// group (before it allocates guest memory, so that is charged here).
+    ///
+    /// On cgroup v1 the thread is moved through `tasks`: moving the calling
+    /// thread alone needs no lock on every thread group in the system,
+    /// while a write to `cgroup.procs` waits for an RCU grace period (0.15 ms
+    /// against 6 to 20 ms on the development machines). With one thread,
+    /// the thread is the process.
     pub fn join(&self) -> Result<(), String> {
+        let file = match self.layout {
+            Layout::V1 { .. } => "tasks",
+            Layout::V2 { .. } => "cgroup.procs",
+        };
         for dir in self.dirs() {
-            // "0" is the writing process, whatever its PID namespace.
-            write(&dir.join("cgroup.procs"), "0")?;
+            // "0" is the writer, whatever its PID namespace.
+            write(&dir.join(file), "0")?;
         }
         Ok(())
     }

@@ -360,10 +360,92 @@ pub fn start(
             spec.failure_code = failure_code;
             let entered = enter(&spec, config).map_err(JailError::Failed)?;
             Ok(match entered {
-                Entered::Supervisor(code) => Start::Supervisor(code),
+                Entered::Supervisor { code, vm_fd } => {
+                    if let Some(fd) = vm_fd {
+                        // Destroyed by a child once this process has exited.
+                        crate::vm::hand_off_teardown(fd);
+                    }
+                    Start::Supervisor(code)
+                }
                 Entered::Jailed(j) => Start::Vm(Some(j)),
             })
         }
+    }
+}
+
+/// The VM process's end of the socket to its supervisor (-1: not jailed).
+static HANDOFF: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// In a jailed VM process at exit: gives the VM descriptor to the
+/// supervisor, whose teardown child destroys the VM after the supervisor
+/// has exited, so that nobody waits for the kernel's teardown.
+pub fn hand_vm_to_supervisor(vm_fd: i32) {
+    let socket = HANDOFF.load(std::sync::atomic::Ordering::SeqCst);
+    if socket >= 0 {
+        send_fd(socket, vm_fd);
+    }
+}
+
+/// Room for one descriptor in a control message.
+const FD_SPACE: usize = 64;
+
+fn send_fd(socket: i32, fd: i32) {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u8; FD_SPACE];
+    // SAFETY: msghdr and its control buffer are ours and large enough for
+    // one SCM_RIGHTS descriptor (CMSG_SPACE(4) is 24 on x86_64).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        libc::sendmsg(socket, &msg, libc::MSG_DONTWAIT);
+    }
+}
+
+/// A descriptor waiting on `socket`, if any (never blocks).
+fn receive_fd(socket: i32) -> Option<i32> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u8; FD_SPACE];
+    // SAFETY: as in send_fd; the kernel fills at most msg_controllen bytes.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        if libc::recvmsg(
+            socket,
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        ) < 1
+        {
+            return None;
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return None;
+        }
+        Some(std::ptr::read_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<i32>(),
+        ))
     }
 }
 
@@ -383,8 +465,10 @@ pub fn take_tap(name: &str) -> Option<devices::virtio::net::Tap> {
 pub enum Entered {
     /// The VM process, in its jail: build the VM, then [`Jailed::lock_down`].
     Jailed(Jailed),
-    /// The supervisor, after the VM process ended: exit with this status.
-    Supervisor(i32),
+    /// The supervisor, after the VM process ended: exit with `code`. The VM
+    /// process handed over its VM descriptor (`vm_fd`), if it could, so that
+    /// the kernel's teardown of the VM happens after the supervisor exits.
+    Supervisor { code: i32, vm_fd: Option<i32> },
 }
 
 /// The VM process's side of the jail.
@@ -491,7 +575,7 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
             .map(|n| n.tap.clone())
             .collect::<Vec<_>>(),
     );
-    if let Ok(Entered::Supervisor(_)) | Err(_) = &result {
+    if let Ok(Entered::Supervisor { .. }) | Err(_) = &result {
         // The VM process is gone: take away the sockets it made, which
         // nobody listens on any more (one that another process made in the
         // meantime, and listens on, stays).
@@ -541,6 +625,29 @@ fn fork_jailed(
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(os_err("cannot create a pipe"));
     }
+    // The VM process hands its VM descriptor over this at exit.
+    let mut handoff = [0i32; 2];
+    // SAFETY: socketpair writes two descriptors into the array we own.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+            handoff.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(os_err("cannot create a socket pair"));
+    }
+    // Our own PID namespace, to go back to for later children (the VM's
+    // teardown child) once the VM's namespace is gone.
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let own_pid_ns = unsafe {
+        libc::open(
+            c"/proc/self/ns/pid".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     // SAFETY: unshare(CLONE_NEWPID) affects only the children made next.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(os_err("cannot create a PID namespace"));
@@ -563,15 +670,16 @@ fn fork_jailed(
         return Err(os_err("cannot start the VM process"));
     }
     if child == 0 {
-        // SAFETY: our copy of the write end; SIGCHLD back to normal.
+        // SAFETY: our copies of the supervisor's ends; SIGCHLD back to normal.
         unsafe {
             libc::close(pipe[1]);
+            libc::close(handoff[0]);
             let mut chld: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut chld);
             libc::sigaddset(&mut chld, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
         }
-        return match confine(spec, mounts, root, cgroup, taps, pipe[0]) {
+        return match confine(spec, mounts, root, cgroup, taps, [pipe[0], handoff[1]]) {
             Ok(parent_alive) => Ok(Entered::Jailed(Jailed {
                 uid: spec.uid,
                 gid: spec.gid,
@@ -589,12 +697,24 @@ fn fork_jailed(
     // has cleaned up: `supervise` takes them all.
     let all = unsafe {
         libc::close(pipe[0]);
+        libc::close(handoff[1]);
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
         all
     };
     let status = supervise(child, &all);
+    let vm_fd = receive_fd(handoff[0]);
+    // SAFETY: our end of the pair; setns back into our own PID namespace
+    // for children (without it, a fork here would fail: the VM's namespace
+    // has no init any more).
+    unsafe {
+        libc::close(handoff[0]);
+        if own_pid_ns >= 0 {
+            libc::setns(own_pid_ns, libc::CLONE_NEWPID);
+            libc::close(own_pid_ns);
+        }
+    }
     if let Status::Signaled(_) | Status::Quit = status {
         // It had no chance to put the terminal back.
         terminal.restore();
@@ -615,7 +735,7 @@ fn fork_jailed(
             128 + sig
         }
     };
-    Ok(Entered::Supervisor(code))
+    Ok(Entered::Supervisor { code, vm_fd })
 }
 
 enum Status {
@@ -710,22 +830,6 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> Status {
     }
 }
 
-/// The VM process's first steps: returns the descriptor that tells
-/// whether the supervisor is still there.
-fn confine(
-    spec: &Spec,
-    mounts: &[Mount],
-    root: &Path,
-    cgroup: Option<&Cgroup>,
-    taps: &[String],
-    parent_alive: i32,
-) -> Result<i32, String> {
-    confine_steps(spec, mounts, root, cgroup, taps, parent_alive).map_err(|e| match e {
-        Step::Tap(e) => e,
-        Step::Jail(e) => format!("cannot jail the VM: {e}"),
-    })
-}
-
 /// A failed step of `confine`: opening a tap (the user's to fix, said as
 /// the builder says it) or making the jail.
 enum Step {
@@ -739,21 +843,36 @@ impl From<String> for Step {
     }
 }
 
-fn confine_steps(
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Tap(e) => f.write_str(e),
+            Step::Jail(e) => write!(f, "cannot jail the VM: {e}"),
+        }
+    }
+}
+
+/// The VM process's first steps: returns the descriptor that tells
+/// whether the supervisor is still there.
+fn confine(
     spec: &Spec,
     mounts: &[Mount],
     root: &Path,
     cgroup: Option<&Cgroup>,
     taps: &[String],
-    parent_alive: i32,
+    keep: [i32; 2],
 ) -> Result<i32, Step> {
     // SAFETY: plain system calls on values we own; this process has one thread.
     unsafe {
-        // Keep only stdio and the supervisor pipe (as descriptor 3).
-        if parent_alive != 3 && libc::dup2(parent_alive, 3) < 0 {
-            return Err(os_err("dup2").into());
+        // Keep only stdio, the supervisor pipe (as descriptor 3) and the
+        // hand-off socket (as 4): moved out of the way first, then into place.
+        for (i, fd) in keep.into_iter().enumerate() {
+            let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64 + i as i32);
+            if high < 0 || libc::dup2(high, 3 + i as i32) < 0 {
+                return Err(os_err("dup2").into());
+            }
         }
-        let close_from = 4u32;
+        let close_from = 5u32;
         if libc::syscall(libc::SYS_close_range, close_from, u32::MAX, 0) != 0 {
             return Err(os_err("cannot close inherited descriptors").into());
         }
@@ -762,6 +881,7 @@ fn confine_steps(
         }
     }
     let parent_alive = 3;
+    HANDOFF.store(4, std::sync::atomic::Ordering::SeqCst);
     if let Some(c) = cgroup {
         c.join()?;
     }
