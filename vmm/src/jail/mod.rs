@@ -389,6 +389,18 @@ pub fn hand_vm_to_supervisor(vm_fd: i32) {
 /// Room for one descriptor in a control message.
 const FD_SPACE: usize = 64;
 
+/// A one-byte message whose control buffer is `control`, over `iov`
+/// (both the caller's, outliving the message).
+fn fd_message(iov: &mut libc::iovec, control: &mut [u8; FD_SPACE]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    msg
+}
+
 fn send_fd(socket: i32, fd: i32) {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
@@ -396,13 +408,10 @@ fn send_fd(socket: i32, fd: i32) {
         iov_len: 1,
     };
     let mut control = [0u8; FD_SPACE];
-    // SAFETY: msghdr and its control buffer are ours and large enough for
-    // one SCM_RIGHTS descriptor (CMSG_SPACE(4) is 24 on x86_64).
+    let mut msg = fd_message(&mut iov, &mut control);
+    // SAFETY: the control buffer is ours and large enough for one
+    // SCM_RIGHTS descriptor (CMSG_SPACE(4) is 24 on x86_64).
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
@@ -421,13 +430,9 @@ fn receive_fd(socket: i32) -> Option<i32> {
         iov_len: 1,
     };
     let mut control = [0u8; FD_SPACE];
+    let mut msg = fd_message(&mut iov, &mut control);
     // SAFETY: as in send_fd; the kernel fills at most msg_controllen bytes.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len();
         if libc::recvmsg(
             socket,
             &mut msg,
@@ -529,15 +534,13 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     let (mounts, sockets) = place(config)?;
     // Read while /sys is still there.
     crate::host::is_emulating_nested_host();
-    std::fs::create_dir_all(&spec.base)
-        .map_err(|e| format!("--jail: cannot create {}: {e}", spec.base.display()))?;
     remove_stale(&spec.base);
     let me = std::process::id();
     let root = spec.base.join(me.to_string());
     // One named by our own pid is a previous life's (ligera as PID 1 of a
     // container that was killed and started again).
     let _ = std::fs::remove_dir(&root);
-    std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    make_jail_dir(&spec.base, &root)?;
     let cgroup = match Layout::detect().and_then(|layout| {
         Cgroup::create(layout, &me.to_string(), spec.memory_limit, spec.cpu_quota)
     }) {
@@ -592,8 +595,28 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
             c.remove();
         }
         let _ = std::fs::remove_dir(&root);
+        // The base goes too once no other jail is in it.
+        let _ = std::fs::remove_dir(&spec.base);
     }
     result
+}
+
+/// Creates the jail's mount point `root` in `base`, making `base` as
+/// needed: another ligera may remove an empty base in between, so that is
+/// retried.
+fn make_jail_dir(base: &Path, root: &Path) -> Result<(), String> {
+    for _ in 0..10 {
+        std::fs::create_dir_all(base)
+            .map_err(|e| format!("--jail: cannot create {}: {e}", base.display()))?;
+        match std::fs::create_dir(root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            made => return made.map_err(|e| format!("cannot create {}: {e}", root.display())),
+        }
+    }
+    Err(format!(
+        "cannot create {}: its directory keeps going away",
+        root.display()
+    ))
 }
 
 /// A file's device, inode and change time: a socket made again in its
