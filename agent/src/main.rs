@@ -21,8 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, mpsc};
 use std::time::Duration;
 
 use agent::protocol::{
@@ -249,27 +248,51 @@ fn reaper() -> &'static Mutex<Reaper> {
     REAPER.get_or_init(Mutex::default)
 }
 
+/// Held shared while a command is being spawned, and exclusively by the
+/// reaper while it reaps. When exec fails, std's spawn waits for that very
+/// child itself (and panics if someone else reaped it first), so the
+/// reaper must not take a child while a spawn is in flight.
+fn spawning() -> &'static RwLock<()> {
+    static SPAWNING: OnceLock<RwLock<()>> = OnceLock::new();
+    SPAWNING.get_or_init(RwLock::default)
+}
+
 fn start_reaper() {
     std::thread::spawn(|| {
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid for any child, writing its status to `status`.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid < 0 {
-                // No children right now.
-                std::thread::sleep(Duration::from_millis(20));
+            // Wait until some child has ended, without reaping it.
+            // SAFETY: siginfo_t is plain data that waitid fills.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid for any child, writing to `info`.
+            let ret =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if ret < 0 {
+                if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    // No children right now.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 continue;
             }
-            let mut r = reaper().lock().unwrap_or_else(|e| e.into_inner());
-            match r.waiting.remove(&pid) {
-                Some(tx) => {
-                    let _ = tx.send(status);
+            let _no_spawn = spawning().write().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid for any ended child, writing its status.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    // None left (a spawn may have taken its own failed child).
+                    break;
                 }
-                None => {
-                    // An orphan, or a child whose waiter is not registered
-                    // yet; bounded: orphans are forgotten beyond a limit.
-                    if r.exited.len() < 4096 {
-                        r.exited.insert(pid, status);
+                let mut r = reaper().lock().unwrap_or_else(|e| e.into_inner());
+                match r.waiting.remove(&pid) {
+                    Some(tx) => {
+                        let _ = tx.send(status);
+                    }
+                    None => {
+                        // An orphan, or a child whose waiter is not registered
+                        // yet; bounded: orphans are forgotten beyond a limit.
+                        if r.exited.len() < 4096 {
+                            r.exited.insert(pid, status);
+                        }
                     }
                 }
             }
@@ -913,6 +936,9 @@ fn spawn(
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let child = {
+        let _spawning = spawning().read().unwrap_or_else(|e| e.into_inner());
+        cmd.spawn()?
+    };
     Ok((child, master))
 }

@@ -192,3 +192,16 @@ fn terminals_and_user_names() {
     assert_eq!(st.host_code(), 125);
     assert!(st.error.unwrap().message.contains("no-such-user"));
 }
+
+/// A command that cannot start is reported as such every time, even
+/// when the agent's reaper (which waits for any child) wakes for it too.
+#[test]
+fn start_failures_are_reported_every_time() {
+    let a = agent("start-failures");
+    for round in 0..100 {
+        let (_, _, st) = exec(&a, &["no-such-program-here"], b"");
+        assert_eq!(st.host_code(), 127, "round {round}: {st:?}");
+        let (_, _, st) = exec(&a, &["/etc/passwd"], b"");
+        assert_eq!(st.host_code(), 126, "round {round}: {st:?}");
+    }
+}
