@@ -52,6 +52,9 @@ pub enum Command {
     /// The image disks sandboxes use, cached in ~/.cache/ligera.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Run the same workloads in a microVM, a runc container and a bare
+    /// process, interleaved, and compare them.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

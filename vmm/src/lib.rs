@@ -5,6 +5,7 @@
 //! fails or a signal stops it; `exit` maps the outcome to an exit status.
 
 pub mod api;
+pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod config;

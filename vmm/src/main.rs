@@ -24,6 +24,7 @@ fn run() -> i32 {
     match cli.command {
         Command::Run(args) => run_vm(args),
         Command::Image(cmd) => image_command(cmd),
+        Command::Bench(args) => vmm::bench::bench(args),
         Command::Sandbox(sandbox) => {
             use vmm::sandbox::{SandboxCommand, persistent, run};
             match sandbox {

@@ -1,0 +1,284 @@
+//! `ligera bench` end to end on the default busybox image: real processes,
+//! real runc containers and (ignored by a plain `cargo test`: each run boots
+//! Linux, seconds here) real microVMs; then what is left behind.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::LIGERA;
+use common::linux::{kernel, one_at_a_time, resources_output};
+
+fn bench(args: &[&str]) -> Output {
+    resources_output("build-sandbox-rootfs.sh", &[]);
+    Command::new(LIGERA)
+        .arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start ligera")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The figure of `runtime` in `suite`/`case` of a JSON report.
+fn figure<'a>(
+    report: &'a serde_json::Value,
+    suite: &str,
+    case: &str,
+    runtime: &str,
+) -> &'a serde_json::Value {
+    let results = report["results"].as_array().expect("results");
+    let case = results
+        .iter()
+        .find(|c| c["suite"] == suite && c["case"] == case)
+        .unwrap_or_else(|| panic!("no {suite}/{case} in {report}"));
+    case["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["runtime"] == runtime)
+        .unwrap_or_else(|| panic!("no {runtime} in {case}"))
+}
+
+/// Nothing of a bench is left: scratch directories, runc containers and
+/// their cgroups.
+fn assert_nothing_left() {
+    let base = Path::new("/run/ligera/bench");
+    assert!(!base.exists(), "{base:?} left behind");
+    for controller in ["memory", "cpu", "pids"] {
+        let Ok(entries) = std::fs::read_dir(format!("/sys/fs/cgroup/{controller}")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with("ligera-bench-"),
+                "cgroup {controller}/{name} left behind"
+            );
+        }
+    }
+}
+
+#[test]
+fn process_and_container_side_by_side_in_json_csv_and_a_table() {
+    if !is_root() {
+        eprintln!("skipped: needs root (chroot, runc)");
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let csv = dir.join("out.csv");
+    let out = bench(&[
+        "--suite",
+        "startup,cpu",
+        "--runtime",
+        "process,runc",
+        "--runs",
+        "3",
+        "--duration",
+        "1s",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    // Progress while it runs.
+    assert!(stderr.contains("startup: process run 3/3"), "{stderr}");
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    assert_eq!(report["schema"], "ligera-bench/1");
+    assert_eq!(report["settings"]["runs"], 3);
+    assert!(report["host"]["cpus"].as_u64().unwrap() >= 1);
+    for case in ["running", "exit"] {
+        let p = figure(&report, "startup", case, "process");
+        let runs: Vec<f64> = p["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(runs.len(), 3, "{p}");
+        let median = p["median"].as_f64().unwrap();
+        assert!(median > 0.0 && median < 10_000.0, "{p}");
+        assert!(p["min"].as_f64().unwrap() <= median && median <= p["max"].as_f64().unwrap());
+        assert_eq!(p["ratio_to_process"].as_f64(), Some(1.0));
+        let r = figure(&report, "startup", case, "runc");
+        if Path::new("/usr/sbin/runc").exists() {
+            // A container starts slower than a bare process: namespaces,
+            // cgroups, and runc's own start-up.
+            let ratio = r["ratio_to_process"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{r}"));
+            assert!(ratio > 1.0, "runc {case}: {r}");
+        } else {
+            assert!(r["skipped"].as_str().is_some(), "{r}");
+        }
+    }
+    // The busybox image has no sysbench: skipped with the reason, not zero.
+    for runtime in ["process", "runc"] {
+        let f = figure(&report, "cpu", "events", runtime);
+        assert!(f["median"].is_null(), "{f}");
+        assert_eq!(f["skipped"], "the image has no sysbench", "{f}");
+    }
+    // The table says the same.
+    assert!(
+        stdout.contains("startup   running  ms        process"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("skipped: the image has no sysbench"),
+        "{stdout}"
+    );
+    if report["host"]["nested_emulation"] == true {
+        assert!(stdout.contains("WARNING: "), "{stdout}");
+        assert!(report["warning"].as_str().is_some());
+    }
+    // CSV: a header and one row per runtime and case.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("suite,case,unit,runtime,median,min,max,ratio_to_process,runs,skipped")
+    );
+    assert_eq!(lines.count(), 6, "{text}");
+    assert_nothing_left();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_arguments_and_images_are_clear_errors() {
+    let _one = one_at_a_time();
+    let out = bench(&["--runs", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = bench(&["--suite", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = bench(&["--image", "/no/such/image", "--runtime", "process"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ligera: bench: error:"), "{stderr}");
+    assert_nothing_left();
+}
+
+#[test]
+fn ctrl_c_stops_the_run_in_flight_and_leaves_nothing() {
+    if !is_root() {
+        eprintln!("skipped: needs root for runc");
+        return;
+    }
+    let _one = one_at_a_time();
+    resources_output("build-sandbox-rootfs.sh", &[]);
+    // Long enough to be interrupted in the middle of a container's run.
+    let mut child = Command::new(LIGERA)
+        .args([
+            "bench",
+            "--suite",
+            "startup",
+            "--runtime",
+            "runc",
+            "--runs",
+            "1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the bench did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_nothing_left();
+
+    // SIGKILL leaves its containers, cgroups and scratch files; the next
+    // bench removes them.
+    let mut child = Command::new(LIGERA)
+        .args([
+            "bench",
+            "--suite",
+            "startup",
+            "--runtime",
+            "runc",
+            "--runs",
+            "1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(Path::new(&format!("/run/ligera/bench/{}", child.id())).exists());
+    let out = bench(&["--suite", "startup", "--runtime", "process", "--runs", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_nothing_left();
+}
+
+#[test]
+#[ignore = "boots Linux: run by resources/test.sh"]
+fn the_vm_runs_beside_the_container_and_the_process() {
+    if !is_root() {
+        eprintln!("skipped: needs root (chroot, runc)");
+        return;
+    }
+    let _one = one_at_a_time();
+    let kernel = kernel("vmlinux");
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-vm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = bench(&[
+        "--suite",
+        "startup",
+        "--runs",
+        "2",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    for case in ["running", "exit"] {
+        let vm = figure(&report, "startup", case, "vm");
+        let process = figure(&report, "startup", case, "process");
+        let (v, p) = (vm["median"].as_f64(), process["median"].as_f64());
+        let (v, p) = (v.unwrap_or_else(|| panic!("{vm}")), p.unwrap());
+        // A VM boots a kernel before the command runs: far above a process.
+        assert!(v > 10.0 * p, "vm {v} ms against process {p} ms");
+        assert!(vm["ratio_to_process"].as_f64().unwrap() > 10.0);
+    }
+    let running = figure(&report, "startup", "running", "vm")["median"]
+        .as_f64()
+        .unwrap();
+    let exit = figure(&report, "startup", "exit", "vm")["median"]
+        .as_f64()
+        .unwrap();
+    assert!(running <= exit, "output after exit? {running} > {exit}");
+    assert_nothing_left();
+    let _ = std::fs::remove_dir_all(&dir);
+}

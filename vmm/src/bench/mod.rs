@@ -1,0 +1,766 @@
+//! `ligera bench`: the same workload from the same image in a ligera
+//! microVM, a runc container and a bare host process, interleaved, with
+//! medians, ranges and ratios to the bare process, as a table on the
+//! terminal and, on request, JSON and CSV.
+
+pub mod runtime;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use runtime::{Kind, Run, Runtime, Setup};
+
+/// Exit status when the bench could not be set up (no image, a scratch
+/// directory that cannot be made, an output file that cannot be written).
+pub const EXIT_BENCH_ERROR: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Spawn → first output, and spawn → exit, of `echo running`.
+    Startup,
+    /// `sysbench cpu` for --duration: events per second.
+    Cpu,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The image every runtime runs (an OCI layout, an archive, a registry
+    /// reference or a root file system directory; default: the busybox
+    /// image setup builds).
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+
+    /// Suites to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["startup", "cpu"])]
+    pub suite: Vec<Suite>,
+
+    /// Runtimes to compare, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["process", "runc", "vm"])]
+    pub runtime: Vec<Kind>,
+
+    /// Measured runs of each case per runtime (after one warm-up run).
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+
+    /// How long each fixed-time run lasts (cpu): 1s, 10s, 1m.
+    #[arg(long, value_name = "DURATION", default_value = "5s",
+          value_parser = crate::sandbox::parse_duration)]
+    pub duration: Duration,
+
+    /// vCPUs of the VM, and the container's CPU quota.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+
+    /// Guest RAM of the VM, and the container's memory limit.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::config::parse_size)]
+    pub memory: u64,
+
+    /// Guest kernel of the VM (default: the one setup built).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the results as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+}
+
+/// One figure of one runtime in one case.
+#[derive(Debug, Serialize)]
+pub struct Figure {
+    pub runtime: &'static str,
+    /// Every measured run, in order.
+    pub runs: Vec<f64>,
+    pub median: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// median / the bare process's median.
+    pub ratio_to_process: Option<f64>,
+    /// Why there is no figure.
+    pub skipped: Option<String>,
+}
+
+/// One case of a suite, across runtimes.
+#[derive(Debug, Serialize)]
+pub struct CaseResult {
+    pub suite: &'static str,
+    pub case: &'static str,
+    pub unit: &'static str,
+    /// "lower" or "higher".
+    pub better: &'static str,
+    pub runtimes: Vec<Figure>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Host {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    /// The host's KVM emulates guest code (nested `kvm_pvm`).
+    pub nested_emulation: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    pub image: String,
+    pub runs: u32,
+    pub warmup: u32,
+    pub duration_s: f64,
+    pub cpus: u8,
+    pub memory_mib: u64,
+}
+
+/// What `--json` writes (schema "ligera-bench/1", see the README).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub unix_time: u64,
+    pub host: Host,
+    pub settings: Settings,
+    pub warning: Option<String>,
+    pub results: Vec<CaseResult>,
+}
+
+const NESTED_WARNING: &str = "this host's KVM is nested and emulates guest code: \
+     the VM's CPU, memory and I/O figures are not representative of a real KVM host";
+
+/// The cases of a suite: (name, unit, better, how to read a figure from a run).
+struct Case {
+    name: &'static str,
+    unit: &'static str,
+    better: &'static str,
+    read: fn(&Run) -> Result<f64, String>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Suite {
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Startup => "startup",
+            Suite::Cpu => "cpu",
+        }
+    }
+
+    fn script(self, args: &BenchArgs) -> String {
+        match self {
+            Suite::Startup => "echo running".into(),
+            Suite::Cpu => format!(
+                "sysbench cpu --time={} --threads={} run",
+                args.duration.as_secs().max(1),
+                args.cpus
+            ),
+        }
+    }
+
+    /// A tool the image must have, looked for in its root file system.
+    fn needs(self) -> Option<&'static str> {
+        match self {
+            Suite::Startup => None,
+            Suite::Cpu => Some("sysbench"),
+        }
+    }
+
+    fn cases(self) -> Vec<Case> {
+        match self {
+            Suite::Startup => vec![
+                Case {
+                    name: "running",
+                    unit: "ms",
+                    better: "lower",
+                    read: |r| {
+                        r.first_output
+                            .map(ms)
+                            .ok_or_else(|| "no output".to_string())
+                    },
+                },
+                Case {
+                    name: "exit",
+                    unit: "ms",
+                    better: "lower",
+                    read: |r| Ok(ms(r.exit)),
+                },
+            ],
+            Suite::Cpu => vec![Case {
+                name: "events",
+                unit: "events/s",
+                better: "higher",
+                read: |r| sysbench_figure(&r.stdout, "events per second:"),
+            }],
+        }
+    }
+}
+
+/// The number after `label` in sysbench's report.
+fn sysbench_figure(out: &[u8], label: &str) -> Result<f64, String> {
+    let text = String::from_utf8_lossy(out);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no '{label}' in sysbench's output"))
+}
+
+/// Whether `tool` is in the image at `rootfs`.
+fn image_has(rootfs: &Path, tool: &str) -> bool {
+    ["usr/bin", "bin", "usr/local/bin", "usr/sbin", "sbin"]
+        .iter()
+        .any(|d| rootfs.join(d).join(tool).exists())
+}
+
+pub fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
+}
+
+/// `ligera bench`.
+pub fn bench(args: BenchArgs) -> i32 {
+    match run_bench(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ligera: bench: error: {e}");
+            EXIT_BENCH_ERROR
+        }
+    }
+}
+
+fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
+    let bench_started = Instant::now();
+    let mut kinds = args.runtime.clone();
+    kinds.sort();
+    kinds.dedup();
+    let mut suites = args.suite.clone();
+    suites.dedup();
+    // Loop mounts go in a mount namespace of our own, which goes away with
+    // us whatever ends us; done while we still have one thread.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        private_mounts()?;
+    }
+    let base = crate::sandbox::runtime_dir().join("bench");
+    runtime::remove_stale(&base);
+    let scratch = base.join(std::process::id().to_string());
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| BenchError::Setup(format!("cannot create {}: {e}", scratch.display())))?;
+    let _cleanup = Cleanup {
+        scratch: scratch.clone(),
+        base,
+    };
+    signals::watch(scratch.clone());
+
+    let (rootfs, image_name) = image_root(args.image.as_deref(), &scratch, root)?;
+    let setup = Setup {
+        image: args.image.as_deref().map(crate::image::absolute),
+        rootfs,
+        cpus: args.cpus,
+        memory: args.memory,
+        kernel: args.kernel.clone(),
+        scratch,
+    };
+    let nested = crate::host::is_emulating_nested_host();
+    if nested {
+        eprintln!("ligera: bench: warning: {NESTED_WARNING}");
+    }
+
+    let mut runtimes: Vec<Result<Runtime, String>> =
+        kinds.iter().map(|&k| Runtime::new(k, &setup)).collect();
+    let mut results = Vec::new();
+    let warmup = 1;
+    for &suite in &suites {
+        let cases = suite.cases();
+        let missing = suite
+            .needs()
+            .filter(|tool| !image_has(&setup.rootfs, tool))
+            .map(|tool| format!("the image has no {tool}"));
+        let script = suite.script(args);
+        // figures[case][runtime]
+        let mut figures: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); kinds.len()]; cases.len()];
+        let mut failed: Vec<Option<String>> = runtimes
+            .iter()
+            .map(|r| r.as_ref().err().cloned().or(missing.clone()))
+            .collect();
+        let total = (warmup + args.runs) as usize * kinds.len();
+        let mut done = 0usize;
+        let started = Instant::now();
+        for round in 0..(warmup + args.runs) {
+            // A B C, then B C A, ...: nobody always goes first.
+            for i in 0..kinds.len() {
+                let k = (i + round as usize) % kinds.len();
+                done += 1;
+                if failed[k].is_some() {
+                    continue;
+                }
+                let Ok(rt) = runtimes[k].as_mut() else {
+                    continue;
+                };
+                let measured = round >= warmup;
+                progress(
+                    suite, rt.kind, round, warmup, args.runs, done, total, started,
+                );
+                let run = rt.run(&setup, &script)?;
+                if run.status != 0 {
+                    failed[k] = Some(failure(&run));
+                    continue;
+                }
+                for (c, case) in cases.iter().enumerate() {
+                    match (case.read)(&run) {
+                        Ok(v) if measured => figures[c][k].push(v),
+                        Ok(_) => {}
+                        Err(why) => failed[k] = Some(why),
+                    }
+                }
+            }
+        }
+        for (c, case) in cases.iter().enumerate() {
+            let process_median = kinds
+                .iter()
+                .position(|&k| k == Kind::Process)
+                .filter(|&p| failed[p].is_none())
+                .and_then(|p| median(&figures[c][p]));
+            let runtimes = kinds
+                .iter()
+                .enumerate()
+                .map(|(k, kind)| {
+                    let runs = std::mem::take(&mut figures[c][k]);
+                    if let Some(why) = &failed[k] {
+                        return Figure {
+                            runtime: kind.name(),
+                            runs: Vec::new(),
+                            median: None,
+                            min: None,
+                            max: None,
+                            ratio_to_process: None,
+                            skipped: Some(why.clone()),
+                        };
+                    }
+                    let m = median(&runs);
+                    Figure {
+                        runtime: kind.name(),
+                        median: m,
+                        min: runs.iter().copied().reduce(f64::min),
+                        max: runs.iter().copied().reduce(f64::max),
+                        ratio_to_process: m
+                            .zip(process_median)
+                            .filter(|(_, p)| *p > 0.0)
+                            .map(|(m, p)| m / p),
+                        runs,
+                        skipped: None,
+                    }
+                })
+                .collect();
+            results.push(CaseResult {
+                suite: suite.name(),
+                case: case.name,
+                unit: case.unit,
+                better: case.better,
+                runtimes,
+            });
+        }
+    }
+    eprintln!(
+        "ligera: bench: done in {:.2} s",
+        bench_started.elapsed().as_secs_f64()
+    );
+
+    let report = Report {
+        schema: "ligera-bench/1",
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        host: host_info(nested),
+        settings: Settings {
+            image: image_name,
+            runs: args.runs,
+            warmup,
+            duration_s: args.duration.as_secs_f64(),
+            cpus: args.cpus,
+            memory_mib: args.memory >> 20,
+        },
+        warning: nested.then(|| NESTED_WARNING.to_string()),
+        results,
+    };
+    print!("{}", table(&report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report)
+            .map_err(|e| BenchError::Setup(format!("cannot encode the results: {e}")))?;
+        write_file(path, &json)?;
+    }
+    if let Some(path) = &args.csv {
+        write_file(path, &csv(&report)?)?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
+    std::fs::write(path, bytes)
+        .map_err(|e| BenchError::Setup(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Why a run failed, from its status and the last line it wrote.
+fn failure(run: &Run) -> String {
+    let text = String::from_utf8_lossy(&run.stderr);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let last: String = last.chars().take(200).collect();
+    format!("exited with status {}: {last}", run.status)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn progress(
+    suite: Suite,
+    kind: Kind,
+    round: u32,
+    warmup: u32,
+    runs: u32,
+    done: usize,
+    total: usize,
+    started: Instant,
+) {
+    let what = if round < warmup {
+        "warm-up".to_string()
+    } else {
+        format!("run {}/{runs}", round - warmup + 1)
+    };
+    let per_run = started.elapsed().as_secs_f64() / (done.max(2) - 1) as f64;
+    let eta = if done > 1 {
+        format!(
+            ", ~{:.0} s left in this suite",
+            per_run * (total - done + 1) as f64
+        )
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "ligera: bench: {}: {} {what} ({done}/{total}{eta})",
+        suite.name(),
+        kind.name()
+    );
+}
+
+/// The image's root file system as a host directory, and its name for
+/// the report: a directory is used as it is; anything else is prepared as
+/// the VM's disk and that disk mounted read-only (loop) in our own mount
+/// namespace.
+fn image_root(
+    image: Option<&str>,
+    scratch: &Path,
+    root: bool,
+) -> Result<(PathBuf, String), BenchError> {
+    let Some(reference) = image else {
+        let dir = crate::image::default_image()?;
+        // runc takes no symlink as the root (the default image is one).
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
+        return Ok((dir, "default (busybox)".into()));
+    };
+    let path = Path::new(reference);
+    if path.is_dir() && !crate::image::oci::is_layout(path) {
+        let dir = path
+            .canonicalize()
+            .map_err(|e| BenchError::Setup(format!("{reference}: {e}")))?;
+        return Ok((dir, reference.into()));
+    }
+    if !root {
+        return Err(BenchError::Setup(format!(
+            "{reference}: mounting an image for the container and the process needs root \
+             (or give a root file system directory)"
+        )));
+    }
+    let (disk, _) = crate::image::image_disk(reference)?;
+    let mnt = scratch.join("rootfs");
+    std::fs::create_dir_all(&mnt)
+        .map_err(|e| BenchError::Setup(format!("cannot create {}: {e}", mnt.display())))?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "ext4", "-o", "ro,loop,noload"])
+        .arg(&disk)
+        .arg(&mnt)
+        .status()
+        .map_err(|e| BenchError::Setup(format!("cannot run mount: {e}")))?;
+    if !status.success() {
+        return Err(BenchError::Setup(format!(
+            "cannot mount the image's disk {} ({status})",
+            disk.display()
+        )));
+    }
+    Ok((mnt, reference.into()))
+}
+
+/// A mount namespace of our own, with nothing propagating back.
+fn private_mounts() -> Result<(), BenchError> {
+    // SAFETY: unshare and mount with valid arguments; single-threaded.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !ok {
+        return Err(BenchError::Setup(format!(
+            "cannot make a private mount namespace: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the scratch directory (and the bench base once empty).
+struct Cleanup {
+    scratch: PathBuf,
+    base: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_scratch(&self.scratch);
+        let _ = std::fs::remove_dir(&self.base);
+    }
+}
+
+/// Stops what may still run from the scratch directory, then removes it.
+fn remove_scratch(scratch: &Path) {
+    let state = scratch.join("runc-state");
+    if let Ok(containers) = std::fs::read_dir(&state) {
+        for c in containers.flatten() {
+            runtime::runc_delete(&state, &c.file_name().to_string_lossy());
+        }
+    }
+    runtime::remove_cgroups(&runtime::container_prefix(std::process::id()));
+    let mnt = scratch.join("rootfs");
+    if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a valid path; failing (not mounted) is fine.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+}
+
+mod signals {
+    use std::path::PathBuf;
+    use std::sync::atomic::Ordering;
+
+    /// On SIGINT, SIGTERM or SIGHUP: stop the run in flight, clean up, and
+    /// exit with 128 + the signal.
+    pub fn watch(scratch: PathBuf) {
+        // SAFETY: sigset operations on a local set; pthread_sigmask on
+        // the calling thread (every thread started later inherits it).
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait on a valid set, writing to `sig`.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            eprintln!("ligera: bench: interrupted, cleaning up");
+            let group = {
+                let _no_spawn = super::runtime::SPAWN
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                super::runtime::STOPPING.store(true, Ordering::SeqCst);
+                super::runtime::CURRENT_GROUP.load(Ordering::SeqCst)
+            };
+            if group > 0 {
+                // SAFETY: kill(2) on the run's own process group.
+                unsafe { libc::kill(-group, libc::SIGTERM) };
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                // SAFETY: signal 0 only checks that the group exists.
+                while unsafe { libc::kill(-group, 0) } == 0 && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                // SAFETY: as above.
+                unsafe { libc::kill(-group, libc::SIGKILL) };
+            }
+            super::remove_scratch(&scratch);
+            if let Some(base) = scratch.parent() {
+                let _ = std::fs::remove_dir(base);
+            }
+            std::process::exit(128 + sig);
+        });
+    }
+}
+
+fn host_info(nested: bool) -> Host {
+    // SAFETY: utsname is plain data that uname fills.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into the struct we own.
+    let kernel = if unsafe { libc::uname(&mut uts) } == 0 {
+        // SAFETY: uname NUL-terminates its fields.
+        unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        "unknown".into()
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Host {
+        kernel,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        nested_emulation: nested,
+    }
+}
+
+/// The terminal table.
+pub fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ligera bench: image {}, {} run(s) after {} warm-up, {} vCPU / {} MiB; host {} CPUs, Linux {}",
+        r.settings.image,
+        r.settings.runs,
+        r.settings.warmup,
+        r.settings.cpus,
+        r.settings.memory_mib,
+        r.host.cpus,
+        r.host.kernel
+    );
+    if let Some(w) = &r.warning {
+        let _ = writeln!(s, "WARNING: {w}");
+    }
+    let _ = writeln!(
+        s,
+        "{:<9} {:<8} {:<9} {:<8} {:>12} {:>25} {:>9}",
+        "suite", "case", "unit", "runtime", "median", "min - max", "ratio"
+    );
+    for c in &r.results {
+        for f in &c.runtimes {
+            let head = format!(
+                "{:<9} {:<8} {:<9} {:<8}",
+                c.suite, c.case, c.unit, f.runtime
+            );
+            match (&f.skipped, f.median, f.min, f.max) {
+                (Some(why), ..) => {
+                    let _ = writeln!(s, "{head} skipped: {why}");
+                }
+                (None, Some(m), Some(lo), Some(hi)) => {
+                    let ratio = f
+                        .ratio_to_process
+                        .map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
+                    let _ = writeln!(
+                        s,
+                        "{head} {:>12} {:>25} {:>9}",
+                        num(m),
+                        format!("{} - {}", num(lo), num(hi)),
+                        ratio
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "{head} no figure");
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "(ratio: median / the bare process's median; lower is better for ms, higher for events/s)"
+    );
+    s
+}
+
+fn num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[derive(Serialize)]
+struct CsvRow<'a> {
+    suite: &'a str,
+    case: &'a str,
+    unit: &'a str,
+    runtime: &'a str,
+    median: Option<f64>,
+    min: Option<f64>,
+    max: Option<f64>,
+    ratio_to_process: Option<f64>,
+    runs: usize,
+    skipped: Option<&'a str>,
+}
+
+fn csv(r: &Report) -> Result<Vec<u8>, BenchError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for c in &r.results {
+        for f in &c.runtimes {
+            w.serialize(CsvRow {
+                suite: c.suite,
+                case: c.case,
+                unit: c.unit,
+                runtime: f.runtime,
+                median: f.median,
+                min: f.min,
+                max: f.max,
+                ratio_to_process: f.ratio_to_process,
+                runs: f.runs.len(),
+                skipped: f.skipped.as_deref(),
+            })
+            .map_err(|e| BenchError::Setup(format!("cannot write CSV: {e}")))?;
+        }
+    }
+    w.into_inner()
+        .map_err(|e| BenchError::Setup(format!("cannot write CSV: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_sysbench_output() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        let out = b"CPU speed:\n    events per second:  1234.56\n\nGeneral statistics:\n";
+        assert_eq!(sysbench_figure(out, "events per second:"), Ok(1234.56));
+        assert!(sysbench_figure(b"garbage", "events per second:").is_err());
+    }
+}
