@@ -18,6 +18,7 @@ PACKAGES=(
     e2fsprogs                               # ext4 images (Linux block test, sandbox images)
     docker-registry skopeo apache2-utils    # image tests: a local registry, pushes, htpasswd
     runc                                    # the sandbox benchmark's container peer
+    mmdebstrap                              # ligera bench's image (sysbench, fio, iperf3)
 )
 
 missing=()
@@ -49,7 +50,9 @@ echo "setup: building the initramfs" >&2
 initrd=$(resources/build-initramfs.sh --print-path)
 echo "setup: building the sandbox's default image" >&2
 rootfs=$(resources/build-sandbox-rootfs.sh --print-path)
-echo "setup: guest kernel in $kernel_dir, initramfs $initrd, sandbox image $rootfs" >&2
+echo "setup: building ligera bench's image (first time: ~1 minute, downloads ~80 MB)" >&2
+bench_image=$(resources/build-bench-image.sh --print-path)
+echo "setup: guest kernel in $kernel_dir, initramfs $initrd, sandbox image $rootfs, bench image $bench_image" >&2
 
 if [ "${1:-}" = "--no-demo" ]; then
     exit 0

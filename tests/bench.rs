@@ -47,10 +47,17 @@ fn figure<'a>(
 }
 
 /// Nothing of a bench is left: scratch directories, runc containers and
-/// their cgroups.
+/// their cgroups, VMs.
 fn assert_nothing_left() {
     let base = Path::new("/run/ligera/bench");
     assert!(!base.exists(), "{base:?} left behind");
+    // The VMs of suites that measure a running VM (persistent sandboxes).
+    if let Ok(entries) = std::fs::read_dir("/run/ligera") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with("sb-ligera-bench-"), "{name} left behind");
+        }
+    }
     for controller in ["memory", "cpu", "pids"] {
         let Ok(entries) = std::fs::read_dir(format!("/sys/fs/cgroup/{controller}")) else {
             continue;
@@ -76,7 +83,10 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
     let csv = dir.join("out.csv");
+    let busybox = resources_output("build-sandbox-rootfs.sh", &[]);
     let out = bench(&[
+        "--image",
+        busybox.to_str().unwrap(),
         "--suite",
         "startup,cpu",
         "--runtime",
@@ -153,6 +163,59 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
         Some("suite,case,unit,runtime,median,min,max,ratio_to_process,runs,skipped")
     );
     assert_eq!(lines.count(), 6, "{text}");
+    assert_nothing_left();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bench image (Debian's sysbench, fio, iperf3): sysbench's own
+/// figures, and a container computes as fast as a bare process.
+#[test]
+fn the_container_computes_as_fast_as_the_process() {
+    if !is_root() {
+        eprintln!("skipped: needs root (chroot, runc, mmdebstrap)");
+        return;
+    }
+    let _one = one_at_a_time();
+    resources_output("build-bench-image.sh", &[]);
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-cpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = bench(&[
+        "--suite",
+        "cpu",
+        "--runtime",
+        "process,runc",
+        "--runs",
+        "2",
+        "--duration",
+        "1s",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    assert!(
+        report["settings"]["image"]
+            .as_str()
+            .unwrap()
+            .contains("bench-image"),
+        "the default image is the bench image"
+    );
+    let p = figure(&report, "cpu", "events", "process");
+    let r = figure(&report, "cpu", "events", "runc");
+    let (p, r) = (
+        p["median"].as_f64().unwrap_or_else(|| panic!("{p}")),
+        r["median"].as_f64().unwrap_or_else(|| panic!("{r}")),
+    );
+    assert!(p > 0.0 && r > 0.0);
+    assert!(
+        p / r < 1.5 && r / p < 1.5,
+        "process {p} against container {r} events/s"
+    );
     assert_nothing_left();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -248,11 +311,14 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-vm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
+    resources_output("build-bench-image.sh", &[]);
     let out = bench(&[
         "--suite",
-        "startup",
+        "startup,cpu",
         "--runs",
         "2",
+        "--duration",
+        "1s",
         "--kernel",
         kernel.to_str().unwrap(),
         "--json",
@@ -279,6 +345,18 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         .as_f64()
         .unwrap();
     assert!(running <= exit, "output after exit? {running} > {exit}");
+    // sysbench ran in the VM (one VM for the suite) and reported a figure.
+    let vm = figure(&report, "cpu", "events", "vm");
+    assert!(vm["median"].as_f64().unwrap_or_else(|| panic!("{vm}")) > 0.0);
+    assert_eq!(vm["runs"].as_array().unwrap().len(), 2);
+    if report["host"]["nested_emulation"] == true {
+        assert!(
+            report["warning"]
+                .as_str()
+                .unwrap()
+                .contains("not representative")
+        );
+    }
     assert_nothing_left();
     let _ = std::fs::remove_dir_all(&dir);
 }

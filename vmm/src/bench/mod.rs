@@ -274,9 +274,21 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     };
     signals::watch(scratch.clone());
 
-    let (rootfs, image_name) = image_root(args.image.as_deref(), &scratch, root)?;
+    // The default: the bench image setup builds, else the sandbox's
+    // busybox image (whose lack of tools skips the suites that need them).
+    let image = match &args.image {
+        Some(r) => Some(r.clone()),
+        None => bench_image().map(|p| p.display().to_string()),
+    };
+    if image.is_none() {
+        eprintln!(
+            "ligera: bench: no bench image in the cache (resources/build-bench-image.sh \
+             builds it): using the busybox image"
+        );
+    }
+    let (rootfs, image_name) = image_root(image.as_deref(), &scratch, root)?;
     let setup = Setup {
-        image: args.image.as_deref().map(crate::image::absolute),
+        image: image.as_deref().map(crate::image::absolute),
         rootfs,
         cpus: args.cpus,
         memory: args.memory,
@@ -305,6 +317,13 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             .iter()
             .map(|r| r.as_ref().err().cloned().or(missing.clone()))
             .collect();
+        for (k, rt) in runtimes.iter_mut().enumerate() {
+            if let (Ok(rt), None) = (rt, &failed[k])
+                && let Err(why) = rt.begin(&setup, suite != Suite::Startup)
+            {
+                failed[k] = Some(why);
+            }
+        }
         let total = (warmup + args.runs) as usize * kinds.len();
         let mut done = 0usize;
         let started = Instant::now();
@@ -336,6 +355,9 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     }
                 }
             }
+        }
+        for rt in runtimes.iter_mut().flatten() {
+            rt.end();
         }
         for (c, case) in cases.iter().enumerate() {
             let process_median = kinds
@@ -515,6 +537,15 @@ fn image_root(
     Ok((mnt, reference.into()))
 }
 
+/// The bench image `resources/build-bench-image.sh` keeps in the cache.
+fn bench_image() -> Option<PathBuf> {
+    let dir = crate::image::cache_dir().ok()?.join("bench-image");
+    dir.join("usr/bin/sysbench")
+        .exists()
+        .then(|| dir.canonicalize().ok())
+        .flatten()
+}
+
 /// A mount namespace of our own, with nothing propagating back.
 fn private_mounts() -> Result<(), BenchError> {
     // SAFETY: unshare and mount with valid arguments; single-threaded.
@@ -559,6 +590,7 @@ fn remove_scratch(scratch: &Path) {
         }
     }
     runtime::remove_cgroups(&runtime::container_prefix(std::process::id()));
+    runtime::remove_sandboxes(&runtime::container_prefix(std::process::id()));
     let mnt = scratch.join("rootfs");
     if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
         // SAFETY: umount2 with a valid path; failing (not mounted) is fine.

@@ -83,6 +83,8 @@ pub struct Setup {
 pub struct Runtime {
     pub kind: Kind,
     runs: u64,
+    /// The VM's persistent sandbox, for suites that measure a running VM.
+    sandbox: Option<String>,
 }
 
 impl Runtime {
@@ -112,7 +114,44 @@ impl Runtime {
                 }
             }
         }
-        Ok(Runtime { kind, runs: 0 })
+        Ok(Runtime {
+            kind,
+            runs: 0,
+            sandbox: None,
+        })
+    }
+
+    /// Before a suite: a suite that measures a running system (not its
+    /// start) gets one VM for all its runs, as a persistent sandbox; the
+    /// container and the process start anew each run, which costs them
+    /// milliseconds. Returns why the runtime cannot run the suite.
+    pub fn begin(&mut self, setup: &Setup, persistent: bool) -> Result<(), String> {
+        if self.kind != Kind::Vm || !persistent {
+            return Ok(());
+        }
+        self.runs += 1;
+        let name = format!("{}{}", container_prefix(std::process::id()), self.runs);
+        let mut cmd = ligera().map_err(|e| e.to_string())?;
+        cmd.args(["sandbox", "create", "--name", &name]);
+        vm_options(&mut cmd, setup);
+        eprintln!("ligera: bench: starting a VM for the suite ({name})");
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run ligera sandbox create: {e}"))?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("the VM did not start: {}", text.trim()));
+        }
+        self.sandbox = Some(name);
+        Ok(())
+    }
+
+    /// After a suite: the suite's VM goes.
+    pub fn end(&mut self) {
+        if let Some(name) = self.sandbox.take() {
+            remove_sandbox(&name);
+        }
     }
 
     /// Runs `script` with the image's `/bin/sh`, to completion.
@@ -161,23 +200,65 @@ impl Runtime {
                 result
             }
             Kind::Vm => {
-                let exe = std::env::current_exe()
-                    .map_err(|e| BenchError::Setup(format!("cannot find ligera itself: {e}")))?;
-                let mut cmd = Command::new(exe);
-                cmd.args(["sandbox", "run", "--cpus"])
-                    .arg(setup.cpus.to_string())
-                    .arg("--memory")
-                    .arg(format!("{}M", setup.memory >> 20));
-                if let Some(image) = &setup.image {
-                    cmd.arg("--image").arg(image);
-                }
-                if let Some(kernel) = &setup.kernel {
-                    cmd.arg("--kernel").arg(kernel);
+                let mut cmd = ligera()?;
+                if let Some(name) = &self.sandbox {
+                    cmd.args(["sandbox", "exec", name.as_str()]);
+                } else {
+                    cmd.args(["sandbox", "run"]);
+                    vm_options(&mut cmd, setup);
                 }
                 cmd.arg("--").args(argv);
                 // SIGTERM, not SIGKILL: the sandbox cleans up after itself.
                 timed(cmd, libc::SIGTERM)
             }
+        }
+    }
+}
+
+/// This ligera, to run as a command.
+fn ligera() -> Result<Command, BenchError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| BenchError::Setup(format!("cannot find ligera itself: {e}")))?;
+    Ok(Command::new(exe))
+}
+
+/// The VM's image, size and kernel as `sandbox run`/`create` flags.
+fn vm_options(cmd: &mut Command, setup: &Setup) {
+    cmd.arg("--cpus")
+        .arg(setup.cpus.to_string())
+        .arg("--memory")
+        .arg(format!("{}M", setup.memory >> 20));
+    if let Some(image) = &setup.image {
+        cmd.arg("--image").arg(image);
+    }
+    if let Some(kernel) = &setup.kernel {
+        cmd.arg("--kernel").arg(kernel);
+    }
+}
+
+/// Ends the sandbox `name` and removes what it left.
+fn remove_sandbox(name: &str) {
+    if let Ok(mut cmd) = ligera() {
+        let _ = cmd
+            .args(["sandbox", "rm", "-f", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Ends every sandbox whose name starts with `prefix` (one bench's VMs).
+pub fn remove_sandboxes(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(crate::sandbox::runtime_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = dir.strip_prefix("sb-")
+            && name.starts_with(prefix)
+        {
+            remove_sandbox(name);
         }
     }
 }
@@ -374,6 +455,7 @@ pub fn remove_stale(base: &Path) {
             }
         }
         remove_cgroups(&container_prefix(pid as u32));
+        remove_sandboxes(&container_prefix(pid as u32));
         let _ = std::fs::remove_dir_all(e.path());
     }
 }
