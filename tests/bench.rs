@@ -83,6 +83,7 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
     let csv = dir.join("out.csv");
+    let svg = dir.join("out.svg");
     let busybox = resources_output("build-sandbox-rootfs.sh", &[]);
     let out = bench(&[
         "--image",
@@ -99,6 +100,8 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
         json.to_str().unwrap(),
         "--csv",
         csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -163,6 +166,28 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
         Some("suite,case,unit,runtime,median,min,max,ratio_to_process,runs,skipped")
     );
     assert_eq!(lines.count(), 6, "{text}");
+    // The plot: well-formed SVG, one labelled element per runtime and case
+    // (three panels: startup/running, startup/exit, cpu/events).
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let labels: Vec<String> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+        .collect();
+    for runtime in ["process", "runc"] {
+        let n = labels
+            .iter()
+            .filter(|l| l.starts_with(&format!("{runtime}: ")))
+            .count();
+        assert_eq!(n, 3, "{runtime} in {labels:?}");
+    }
+    assert_eq!(
+        labels.iter().filter(|l| l.ends_with(": skipped")).count(),
+        2,
+        "cpu is skipped for both: {labels:?}"
+    );
     assert_nothing_left();
     let _ = std::fs::remove_dir_all(&dir);
 }

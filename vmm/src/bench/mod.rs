@@ -3,6 +3,7 @@
 //! medians, ranges and ratios to the bare process, as a table on the
 //! terminal and, on request, JSON and CSV.
 
+mod plot;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,11 @@ pub struct BenchArgs {
     /// Write the results as CSV to FILE.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+
+    /// Draw the results as an SVG plot in FILE (a panel per suite and case,
+    /// a bar per runtime with its min-max range).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// One figure of one runtime in one case.
@@ -436,6 +442,9 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     if let Some(path) = &args.csv {
         write_file(path, &csv(&report)?)?;
     }
+    if let Some(path) = &args.plot {
+        plot::draw(&report, path)?;
+    }
     Ok(())
 }
 
@@ -699,7 +708,7 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<9} {:<8} {:<9} {:<8} {:>12} {:>25} {:>9}",
+        "{:<9} {:<8} {:<9} {:<8} {:>12} {:>25} {:>10}",
         "suite", "case", "unit", "runtime", "median", "min - max", "ratio"
     );
     for c in &r.results {
@@ -715,10 +724,10 @@ pub fn table(r: &Report) -> String {
                 (None, Some(m), Some(lo), Some(hi)) => {
                     let ratio = f
                         .ratio_to_process
-                        .map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
+                        .map_or_else(|| "-".to_string(), |x| format!("{}x", num(x)));
                     let _ = writeln!(
                         s,
-                        "{head} {:>12} {:>25} {:>9}",
+                        "{head} {:>12} {:>25} {:>10}",
                         num(m),
                         format!("{} - {}", num(lo), num(hi)),
                         ratio
