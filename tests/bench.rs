@@ -259,6 +259,21 @@ fn bad_arguments_and_images_are_clear_errors() {
     assert_nothing_left();
 }
 
+/// A bench that runs containers for minutes, 1.5 s into its run: a signal
+/// now lands in the middle of a container's start or run.
+fn busy_bench() -> std::process::Child {
+    let child = Command::new(LIGERA)
+        .args(["bench", "--suite", "startup", "--runtime", "runc"])
+        .args(["--runs", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
 #[test]
 fn ctrl_c_stops_the_run_in_flight_and_leaves_nothing() {
     if !is_root() {
@@ -267,23 +282,7 @@ fn ctrl_c_stops_the_run_in_flight_and_leaves_nothing() {
     }
     let _one = one_at_a_time();
     resources_output("build-sandbox-rootfs.sh", &[]);
-    // Long enough to be interrupted in the middle of a container's run.
-    let mut child = Command::new(LIGERA)
-        .args([
-            "bench",
-            "--suite",
-            "startup",
-            "--runtime",
-            "runc",
-            "--runs",
-            "1000",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut child = busy_bench();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -299,22 +298,7 @@ fn ctrl_c_stops_the_run_in_flight_and_leaves_nothing() {
 
     // SIGKILL leaves its containers, cgroups and scratch files; the next
     // bench removes them.
-    let mut child = Command::new(LIGERA)
-        .args([
-            "bench",
-            "--suite",
-            "startup",
-            "--runtime",
-            "runc",
-            "--runs",
-            "1000",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut child = busy_bench();
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(Path::new(&format!("/run/ligera/bench/{}", child.id())).exists());
