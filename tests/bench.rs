@@ -21,6 +21,19 @@ fn bench(args: &[&str]) -> Output {
         .expect("cannot start ligera")
 }
 
+/// Runs a bench that must succeed, with its JSON report written to
+/// `json`; returns its stdout, stderr and the parsed report.
+fn bench_report(args: &[&str], json: &Path) -> (String, String, serde_json::Value) {
+    let mut args = args.to_vec();
+    args.extend(["--json", json.to_str().unwrap()]);
+    let out = bench(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report = serde_json::from_slice(&std::fs::read(json).unwrap()).expect("valid JSON");
+    (stdout, stderr, report)
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -85,32 +98,28 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
     let csv = dir.join("out.csv");
     let svg = dir.join("out.svg");
     let busybox = resources_output("build-sandbox-rootfs.sh", &[]);
-    let out = bench(&[
-        "--image",
-        busybox.to_str().unwrap(),
-        "--suite",
-        "startup,cpu",
-        "--runtime",
-        "process,runc",
-        "--runs",
-        "3",
-        "--duration",
-        "1s",
-        "--json",
-        json.to_str().unwrap(),
-        "--csv",
-        csv.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let (stdout, stderr, report) = bench_report(
+        &[
+            "--image",
+            busybox.to_str().unwrap(),
+            "--suite",
+            "startup,cpu",
+            "--runtime",
+            "process,runc",
+            "--runs",
+            "3",
+            "--duration",
+            "1s",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+        &json,
+    );
     // Progress while it runs.
     assert!(stderr.contains("startup: process run 3/3"), "{stderr}");
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
     assert_eq!(report["schema"], "ligera-bench/1");
     assert_eq!(report["settings"]["runs"], 3);
     assert!(report["host"]["cpus"].as_u64().unwrap() >= 1);
@@ -206,23 +215,19 @@ fn the_container_computes_as_fast_as_the_process() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-cpu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
-    let out = bench(&[
-        "--suite",
-        "cpu",
-        "--runtime",
-        "process,runc",
-        "--runs",
-        "2",
-        "--duration",
-        "1s",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    let (_, _, report) = bench_report(
+        &[
+            "--suite",
+            "cpu",
+            "--runtime",
+            "process,runc",
+            "--runs",
+            "2",
+            "--duration",
+            "1s",
+        ],
+        &json,
+    );
     assert!(
         report["settings"]["image"]
             .as_str()
@@ -321,23 +326,19 @@ fn the_vm_runs_beside_the_container_and_the_process() {
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
     resources_output("build-bench-image.sh", &[]);
-    let out = bench(&[
-        "--suite",
-        "startup,cpu",
-        "--runs",
-        "2",
-        "--duration",
-        "1s",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    let (_, _, report) = bench_report(
+        &[
+            "--suite",
+            "startup,cpu",
+            "--runs",
+            "2",
+            "--duration",
+            "1s",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+        &json,
+    );
     for case in ["running", "exit"] {
         let vm = figure(&report, "startup", case, "vm");
         let process = figure(&report, "startup", case, "process");
