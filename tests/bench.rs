@@ -156,7 +156,7 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
     }
     // The table says the same.
     assert!(
-        stdout.contains("startup   running  ms        process"),
+        stdout.contains("startup   running    ms        process"),
         "{stdout}"
     );
     assert!(
@@ -201,10 +201,17 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The bench image (Debian's sysbench, fio, iperf3): sysbench's own
-/// figures, and a container computes as fast as a bare process.
+/// The median of `runtime` in `suite`/`case`, which must be there.
+fn median(report: &serde_json::Value, suite: &str, case: &str, runtime: &str) -> f64 {
+    let f = figure(report, suite, case, runtime);
+    f["median"].as_f64().unwrap_or_else(|| panic!("{f}"))
+}
+
+/// The bench image (Debian's sysbench and fio) through every suite in a
+/// container and a process: the tools' own figures, sane, and a container
+/// computes as fast as a bare process.
 #[test]
-fn the_container_computes_as_fast_as_the_process() {
+fn the_bench_image_suites_in_a_container_and_a_process() {
     if !is_root() {
         eprintln!("skipped: needs root (chroot, runc, mmdebstrap)");
         return;
@@ -215,16 +222,18 @@ fn the_container_computes_as_fast_as_the_process() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-cpu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
-    let (_, _, report) = bench_report(
+    let (stdout, _, report) = bench_report(
         &[
             "--suite",
-            "cpu",
+            "cpu,memory,disk,density",
             "--runtime",
             "process,runc",
             "--runs",
             "2",
             "--duration",
             "1s",
+            "--density",
+            "3",
         ],
         &json,
     );
@@ -235,17 +244,47 @@ fn the_container_computes_as_fast_as_the_process() {
             .contains("bench-image"),
         "the default image is the bench image"
     );
-    let p = figure(&report, "cpu", "events", "process");
-    let r = figure(&report, "cpu", "events", "runc");
+    assert_eq!(report["settings"]["density"], 3);
     let (p, r) = (
-        p["median"].as_f64().unwrap_or_else(|| panic!("{p}")),
-        r["median"].as_f64().unwrap_or_else(|| panic!("{r}")),
+        median(&report, "cpu", "events", "process"),
+        median(&report, "cpu", "events", "runc"),
     );
     assert!(p > 0.0 && r > 0.0);
     assert!(
         p / r < 1.5 && r / p < 1.5,
         "process {p} against container {r} events/s"
     );
+    for runtime in ["process", "runc"] {
+        // sysbench memory moves at least 100 MiB/s anywhere.
+        let bw = median(&report, "memory", "bandwidth", runtime);
+        assert!(bw > 100.0, "{runtime}: {bw} MiB/s");
+        // A shell waiting on its stdin: more than nothing, less than the
+        // container's memory limit (256 MiB).
+        let mem = median(&report, "memory", "instance", runtime);
+        assert!(mem > 0.05 && mem < 256.0, "{runtime}: {mem} MiB");
+        for case in ["randread", "randwrite", "seqread", "seqwrite"] {
+            let v = median(&report, "disk", case, runtime);
+            assert!(v > 1.0, "{runtime} disk {case}: {v}");
+        }
+        // Three instances at once: up within a minute, and together they
+        // cost more than one.
+        let up = median(&report, "density", "all-up", runtime);
+        assert!(up > 0.0 && up < 60_000.0, "{runtime}: all up in {up} ms");
+        let all = median(&report, "density", "memory", runtime);
+        assert!(all > mem, "{runtime}: 3 instances {all} MiB, one {mem} MiB");
+    }
+    // A container's start costs more than a process's.
+    assert!(
+        median(&report, "density", "all-up", "runc")
+            > median(&report, "density", "all-up", "process")
+    );
+    for row in [
+        "memory    bandwidth",
+        "disk      randread",
+        "density   all-up",
+    ] {
+        assert!(stdout.contains(row), "no {row} in {stdout}");
+    }
     assert_nothing_left();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -326,11 +365,13 @@ fn the_vm_runs_beside_the_container_and_the_process() {
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
     resources_output("build-bench-image.sh", &[]);
-    let (_, _, report) = bench_report(
+    let (_, stderr, report) = bench_report(
         &[
-            "--suite",
-            "startup,cpu",
             "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--density",
             "2",
             "--duration",
             "1s",
@@ -339,26 +380,47 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         ],
         &json,
     );
+    // One VM for the suites that measure a running VM.
+    assert_eq!(
+        stderr.matches("starting a VM for the suites").count(),
+        1,
+        "{stderr}"
+    );
     for case in ["running", "exit"] {
-        let vm = figure(&report, "startup", case, "vm");
-        let process = figure(&report, "startup", case, "process");
-        let (v, p) = (vm["median"].as_f64(), process["median"].as_f64());
-        let (v, p) = (v.unwrap_or_else(|| panic!("{vm}")), p.unwrap());
+        let (v, p) = (
+            median(&report, "startup", case, "vm"),
+            median(&report, "startup", case, "process"),
+        );
         // A VM boots a kernel before the command runs: far above a process.
         assert!(v > 10.0 * p, "vm {v} ms against process {p} ms");
+        let vm = figure(&report, "startup", case, "vm");
         assert!(vm["ratio_to_process"].as_f64().unwrap() > 10.0);
     }
-    let running = figure(&report, "startup", "running", "vm")["median"]
-        .as_f64()
-        .unwrap();
-    let exit = figure(&report, "startup", "exit", "vm")["median"]
-        .as_f64()
-        .unwrap();
+    let running = median(&report, "startup", "running", "vm");
+    let exit = median(&report, "startup", "exit", "vm");
     assert!(running <= exit, "output after exit? {running} > {exit}");
-    // sysbench ran in the VM (one VM for the suite) and reported a figure.
+    // sysbench and fio ran in the VM and reported figures.
     let vm = figure(&report, "cpu", "events", "vm");
     assert!(vm["median"].as_f64().unwrap_or_else(|| panic!("{vm}")) > 0.0);
     assert_eq!(vm["runs"].as_array().unwrap().len(), 2);
+    assert!(median(&report, "memory", "bandwidth", "vm") > 0.0);
+    for case in ["randread", "randwrite", "seqread", "seqwrite"] {
+        assert!(median(&report, "disk", case, "vm") > 0.0, "disk {case}");
+    }
+    // A VM costs its VMM and the guest RAM its kernel touched: more than
+    // a process, less than its RAM (256 MiB) plus 64 MiB.
+    let (vm, process) = (
+        median(&report, "memory", "instance", "vm"),
+        median(&report, "memory", "instance", "process"),
+    );
+    assert!(
+        vm > process && vm < 320.0,
+        "vm {vm} MiB, process {process} MiB"
+    );
+    // Two VMs at once: both up, and they cost more than one.
+    assert!(median(&report, "density", "all-up", "vm") > 0.0);
+    let two = median(&report, "density", "memory", "vm");
+    assert!(two > vm, "two VMs {two} MiB, one {vm} MiB");
     if report["host"]["nested_emulation"] == true {
         assert!(
             report["warning"]

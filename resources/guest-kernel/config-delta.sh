@@ -43,6 +43,8 @@ $C -d RD_GZIP -d RD_BZIP2 -d RD_LZMA -d RD_XZ -d RD_LZO -d RD_LZ4 -d RD_ZSTD
 $C -e BINFMT_ELF -e BINFMT_SCRIPT -e X86_IOPL_IOPERM
 $C -e MULTIUSER -e FUTEX -e POSIX_TIMERS -e EPOLL -e SIGNALFD -e TIMERFD -e EVENTFD
 $C -e FILE_LOCKING -e SHMEM
+# System V IPC: fio (the bench's disk suite) and databases need shmget.
+$C -e SYSVIPC
 $C -e PROC_FS -e SYSFS -e TMPFS -e DEVTMPFS -e DEVTMPFS_MOUNT
 
 # --- devices: virtio-mmio, described on the kernel command line ------------------

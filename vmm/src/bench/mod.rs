@@ -31,6 +31,15 @@ pub enum Suite {
     Startup,
     /// `sysbench cpu` for --duration: events per second.
     Cpu,
+    /// `sysbench memory` for --duration: MiB/s; then the host memory the
+    /// instance costs while it idles.
+    Memory,
+    /// `fio` with direct I/O on a scratch file: 4 KiB random read and write
+    /// IOPS, 1 MiB sequential read and write MB/s.
+    Disk,
+    /// --density instances started at once: time until all are up, and
+    /// their host memory together.
+    Density,
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,17 +51,22 @@ pub struct BenchArgs {
     pub image: Option<String>,
 
     /// Suites to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["startup", "cpu"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["startup", "cpu", "memory", "disk", "density"])]
     pub suite: Vec<Suite>,
 
     /// Runtimes to compare, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values = ["process", "runc", "vm"])]
     pub runtime: Vec<Kind>,
 
-    /// Measured runs of each case per runtime (after one warm-up run).
+    /// Measured runs of each case per runtime (after the warm-up runs).
     #[arg(long, value_name = "N", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
+
+    /// Unmeasured runs of each case per runtime before the measured ones.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub warmup: u32,
 
     /// How long each fixed-time run lasts (cpu): 1s, 10s, 1m.
     #[arg(long, value_name = "DURATION", default_value = "5s",
@@ -79,6 +93,11 @@ pub struct BenchArgs {
     /// Write the results as CSV to FILE.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+
+    /// Instances the density suite starts at once.
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub density: u32,
 
     /// Draw the results as an SVG plot in FILE (a panel per suite and case,
     /// a bar per runtime with its min-max range).
@@ -129,6 +148,7 @@ pub struct Settings {
     pub duration_s: f64,
     pub cpus: u8,
     pub memory_mib: u64,
+    pub density: u32,
 }
 
 /// What `--json` writes (schema "ligera-bench/1", see the README).
@@ -145,42 +165,91 @@ pub struct Report {
 const NESTED_WARNING: &str = "this host's KVM is nested and emulates guest code: \
      the VM's CPU, memory and I/O figures are not representative of a real KVM host";
 
-/// The cases of a suite: (name, unit, better, how to read a figure from a run).
+/// A case of a suite: its name, unit, which way is better, and how to read
+/// its figure from a round's runs (one, or one per density instance).
 struct Case {
     name: &'static str,
     unit: &'static str,
     better: &'static str,
-    read: fn(&Run) -> Result<f64, String>,
+    read: fn(&[Run]) -> Result<f64, String>,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// The scratch file fio works on, in the disk every runtime has at `/mnt`.
+const FIO_FILE: &str = "/mnt/ligera-bench.fio";
+
 impl Suite {
     fn name(self) -> &'static str {
         match self {
             Suite::Startup => "startup",
             Suite::Cpu => "cpu",
+            Suite::Memory => "memory",
+            Suite::Disk => "disk",
+            Suite::Density => "density",
         }
     }
 
     fn script(self, args: &BenchArgs) -> String {
+        let secs = args.duration.as_secs().max(1);
         match self {
             Suite::Startup => "echo running".into(),
-            Suite::Cpu => format!(
-                "sysbench cpu --time={} --threads={} run",
-                args.duration.as_secs().max(1),
-                args.cpus
+            Suite::Cpu => format!("sysbench cpu --time={secs} --threads={} run", args.cpus),
+            Suite::Memory => format!(
+                "sysbench memory --memory-block-size=1M --memory-total-size=1000T \
+                 --time={secs} --threads={} run && echo {} && {{ read x || :; }}",
+                args.cpus,
+                runtime::READY
             ),
+            Suite::Disk => {
+                // One fio run, four jobs one after the other (stonewall),
+                // on one file laid out once; psync, so that every
+                // runtime's fio does the same system calls.
+                let job = |name: &str, rw: &str, bs: &str| {
+                    format!(" --name={name} --rw={rw} --bs={bs} --stonewall")
+                };
+                format!(
+                    "fio --output-format=json --filename={FIO_FILE} --size=32M --direct=1 \
+                     --ioengine=psync --thread --time_based --runtime={secs}{}{}{}{}; \
+                     s=$?; rm -f {FIO_FILE}; exit $s",
+                    job("randread", "randread", "4k"),
+                    job("randwrite", "randwrite", "4k"),
+                    job("seqread", "read", "1M"),
+                    job("seqwrite", "write", "1M"),
+                )
+            }
+            Suite::Density => format!("echo {}; read x || :", runtime::READY),
         }
     }
 
     /// A tool the image must have, looked for in its root file system.
     fn needs(self) -> Option<&'static str> {
         match self {
-            Suite::Startup => None,
-            Suite::Cpu => Some("sysbench"),
+            Suite::Startup | Suite::Density => None,
+            Suite::Cpu | Suite::Memory => Some("sysbench"),
+            Suite::Disk => Some("fio"),
+        }
+    }
+
+    /// Whether it measures a running system: the VM's runs go to the
+    /// bench's persistent sandbox instead of a new VM each.
+    fn in_sandbox(self) -> bool {
+        matches!(self, Suite::Cpu | Suite::Memory | Suite::Disk)
+    }
+
+    /// Whether its runs hold (print READY and wait) to be measured.
+    fn hold(self) -> bool {
+        matches!(self, Suite::Memory | Suite::Density)
+    }
+
+    fn instances(self, args: &BenchArgs) -> u32 {
+        match self {
+            Suite::Density => args.density,
+            _ => 1,
         }
     }
 
@@ -192,7 +261,7 @@ impl Suite {
                     unit: "ms",
                     better: "lower",
                     read: |r| {
-                        r.first_output
+                        r[0].first_output
                             .map(ms)
                             .ok_or_else(|| "no output".to_string())
                     },
@@ -201,15 +270,89 @@ impl Suite {
                     name: "exit",
                     unit: "ms",
                     better: "lower",
-                    read: |r| Ok(ms(r.exit)),
+                    read: |r| Ok(ms(r[0].exit)),
                 },
             ],
             Suite::Cpu => vec![Case {
                 name: "events",
                 unit: "events/s",
                 better: "higher",
-                read: |r| sysbench_figure(&r.stdout, "events per second:"),
+                read: |r| sysbench_figure(&r[0].stdout, "events per second:"),
             }],
+            Suite::Memory => vec![
+                Case {
+                    name: "bandwidth",
+                    unit: "MiB/s",
+                    better: "higher",
+                    read: |r| sysbench_rate(&r[0].stdout),
+                },
+                Case {
+                    name: "instance",
+                    unit: "MiB",
+                    better: "lower",
+                    read: |r| {
+                        r[0].memory
+                            .map(|b| b as f64 / MIB)
+                            .ok_or_else(|| "its memory could not be measured".to_string())
+                    },
+                },
+            ],
+            Suite::Disk => vec![
+                Case {
+                    name: "randread",
+                    unit: "IOPS",
+                    better: "higher",
+                    read: |r| fio_figure(&r[0].stdout, "randread", "read", "iops"),
+                },
+                Case {
+                    name: "randwrite",
+                    unit: "IOPS",
+                    better: "higher",
+                    read: |r| fio_figure(&r[0].stdout, "randwrite", "write", "iops"),
+                },
+                Case {
+                    name: "seqread",
+                    unit: "MB/s",
+                    better: "higher",
+                    read: |r| {
+                        fio_figure(&r[0].stdout, "seqread", "read", "bw_bytes").map(|b| b / 1e6)
+                    },
+                },
+                Case {
+                    name: "seqwrite",
+                    unit: "MB/s",
+                    better: "higher",
+                    read: |r| {
+                        fio_figure(&r[0].stdout, "seqwrite", "write", "bw_bytes").map(|b| b / 1e6)
+                    },
+                },
+            ],
+            Suite::Density => vec![
+                Case {
+                    name: "all-up",
+                    unit: "ms",
+                    better: "lower",
+                    read: |r| {
+                        let first = r.iter().map(|r| r.start).min().ok_or("no instances")?;
+                        r.iter()
+                            .map(|r| r.ready.map(|d| ms(r.start + d - first)))
+                            .try_fold(0.0f64, |acc, v| v.map(|v| acc.max(v)))
+                            .ok_or_else(|| "an instance did not come up".to_string())
+                    },
+                },
+                Case {
+                    name: "memory",
+                    unit: "MiB",
+                    better: "lower",
+                    read: |r| {
+                        r.iter()
+                            .map(|r| r.memory)
+                            .try_fold(0u64, |acc, m| m.map(|m| acc + m))
+                            .map(|b| b as f64 / MIB)
+                            .ok_or_else(|| "an instance's memory could not be measured".into())
+                    },
+                },
+            ],
         }
     }
 }
@@ -221,6 +364,33 @@ fn sysbench_figure(out: &[u8], label: &str) -> Result<f64, String> {
         .find_map(|l| l.trim().strip_prefix(label))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .ok_or_else(|| format!("no '{label}' in sysbench's output"))
+}
+
+/// The rate in sysbench memory's "N MiB transferred (R MiB/sec)".
+fn sysbench_rate(out: &[u8]) -> Result<f64, String> {
+    let text = String::from_utf8_lossy(out);
+    text.lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(" MiB transferred (")?;
+            rest.strip_suffix(" MiB/sec)")?.trim().parse::<f64>().ok()
+        })
+        .ok_or_else(|| "no 'MiB transferred (... MiB/sec)' in sysbench's output".into())
+}
+
+/// `field` of the `dir` ("read"/"write") figures of job `job` in fio's
+/// JSON output.
+fn fio_figure(out: &[u8], job: &str, dir: &str, field: &str) -> Result<f64, String> {
+    let start = out
+        .iter()
+        .position(|&b| b == b'{')
+        .ok_or("no JSON in fio's output")?;
+    let v: serde_json::Value = serde_json::from_slice(&out[start..])
+        .map_err(|e| format!("fio's output is not JSON: {e}"))?;
+    v["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["jobname"] == job))
+        .and_then(|j| j[dir][field].as_f64())
+        .ok_or_else(|| format!("no {dir} {field} of job {job} in fio's output"))
 }
 
 /// Whether `tool` is in the image at `rootfs`.
@@ -260,8 +430,12 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     let mut kinds = args.runtime.clone();
     kinds.sort();
     kinds.dedup();
-    let mut suites = args.suite.clone();
-    suites.dedup();
+    let mut suites: Vec<Suite> = Vec::new();
+    for &s in &args.suite {
+        if !suites.contains(&s) {
+            suites.push(s);
+        }
+    }
     // Loop mounts go in a mount namespace of our own, which goes away with
     // us whatever ends us; done while we still have one thread.
     // SAFETY: geteuid has no preconditions.
@@ -293,9 +467,16 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         );
     }
     let (rootfs, image_name) = image_root(image.as_deref(), &scratch, root)?;
+    let (process_root, disk) = if root && suites.contains(&Suite::Disk) {
+        disk_mounts(&rootfs, &scratch)?
+    } else {
+        (rootfs.clone(), None)
+    };
     let setup = Setup {
         image: image.as_deref().map(crate::image::absolute),
         rootfs,
+        process_root,
+        disk,
         cpus: args.cpus,
         memory: args.memory,
         kernel: args.kernel.clone(),
@@ -309,7 +490,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     let mut runtimes: Vec<Result<Runtime, String>> =
         kinds.iter().map(|&k| Runtime::new(k, &setup)).collect();
     let mut results = Vec::new();
-    let warmup = 1;
+    let warmup = args.warmup;
     for &suite in &suites {
         let cases = suite.cases();
         let missing = suite
@@ -317,6 +498,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             .filter(|tool| !image_has(&setup.rootfs, tool))
             .map(|tool| format!("the image has no {tool}"));
         let script = suite.script(args);
+        let instances = suite.instances(args);
         // figures[case][runtime]
         let mut figures: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); kinds.len()]; cases.len()];
         let mut failed: Vec<Option<String>> = runtimes
@@ -324,10 +506,15 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             .map(|r| r.as_ref().err().cloned().or(missing.clone()))
             .collect();
         for (k, rt) in runtimes.iter_mut().enumerate() {
-            if let (Ok(rt), None) = (rt, &failed[k])
-                && let Err(why) = rt.begin(&setup, suite != Suite::Startup)
-            {
-                failed[k] = Some(why);
+            if let (Ok(rt), None) = (rt, &failed[k]) {
+                let why = match rt.kind {
+                    Kind::Process | Kind::Runc if suite == Suite::Disk && setup.disk.is_none() => {
+                        Some("the image has no /mnt to mount the scratch disk on".to_string())
+                    }
+                    Kind::Vm if suite.in_sandbox() => rt.begin(&setup).err(),
+                    _ => None,
+                };
+                failed[k] = why;
             }
         }
         let total = (warmup + args.runs) as usize * kinds.len();
@@ -348,22 +535,23 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 progress(
                     suite, rt.kind, round, warmup, args.runs, done, total, started,
                 );
-                let run = rt.run(&setup, &script)?;
-                if run.status != 0 {
-                    failed[k] = Some(failure(&run));
+                let mut group = Vec::new();
+                for _ in 0..instances {
+                    group.push(rt.start(&setup, &script, suite.in_sandbox(), suite.hold())?);
+                }
+                let runs = runtime::finish(group, suite.hold())?;
+                if let Some(bad) = runs.iter().find(|r| r.status != 0) {
+                    failed[k] = Some(failure(bad));
                     continue;
                 }
                 for (c, case) in cases.iter().enumerate() {
-                    match (case.read)(&run) {
+                    match (case.read)(&runs) {
                         Ok(v) if measured => figures[c][k].push(v),
                         Ok(_) => {}
                         Err(why) => failed[k] = Some(why),
                     }
                 }
             }
-        }
-        for rt in runtimes.iter_mut().flatten() {
-            rt.end();
         }
         for (c, case) in cases.iter().enumerate() {
             let process_median = kinds
@@ -411,6 +599,9 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             });
         }
     }
+    for rt in runtimes.iter_mut().flatten() {
+        rt.end();
+    }
     eprintln!(
         "ligera: bench: done in {:.2} s",
         bench_started.elapsed().as_secs_f64()
@@ -429,6 +620,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             duration_s: args.duration.as_secs_f64(),
             cpus: args.cpus,
             memory_mib: args.memory >> 20,
+            density: args.density,
         },
         warning: nested.then(|| NESTED_WARNING.to_string()),
         results,
@@ -546,6 +738,54 @@ fn image_root(
     Ok((mnt, reference.into()))
 }
 
+/// The process's root and the scratch disk for the disk suite: a directory
+/// on the host file system the VMs' disks are on (the runtime directory),
+/// bound on `/mnt` of a second view of the image (in our own mount
+/// namespace, so the image itself is untouched). No disk if the image has
+/// no `/mnt`.
+fn disk_mounts(rootfs: &Path, scratch: &Path) -> Result<(PathBuf, Option<PathBuf>), BenchError> {
+    if !rootfs.join("mnt").is_dir() {
+        return Ok((rootfs.to_path_buf(), None));
+    }
+    let disk = scratch.join("disk");
+    let view = scratch.join("process-root");
+    for dir in [&disk, &view] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BenchError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    bind(rootfs, &view)?;
+    bind(&disk, &view.join("mnt"))?;
+    Ok((view, Some(disk)))
+}
+
+/// `mount --bind from to`.
+fn bind(from: &Path, to: &Path) -> Result<(), BenchError> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| BenchError::Setup(format!("{}: a NUL byte in the path", p.display())))
+    };
+    let (src, dst) = (c(from)?, c(to)?);
+    // SAFETY: mount(2) with valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(BenchError::Setup(format!(
+            "cannot bind {} on {}: {}",
+            from.display(),
+            to.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// The bench image `resources/build-bench-image.sh` keeps in the cache.
 fn bench_image() -> Option<PathBuf> {
     let dir = crate::image::cache_dir().ok()?.join("bench-image");
@@ -600,10 +840,12 @@ fn remove_scratch(scratch: &Path) {
     }
     runtime::remove_cgroups(&runtime::container_prefix(std::process::id()));
     runtime::remove_sandboxes(&runtime::container_prefix(std::process::id()));
-    let mnt = scratch.join("rootfs");
-    if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 with a valid path; failing (not mounted) is fine.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    for mnt in ["process-root/mnt", "process-root", "rootfs"] {
+        let mnt = scratch.join(mnt);
+        if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid path; failing (not mounted) is fine.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
     let _ = std::fs::remove_dir_all(scratch);
 }
@@ -631,24 +873,31 @@ mod signals {
             // SAFETY: sigwait on a valid set, writing to `sig`.
             while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
             eprintln!("ligera: bench: interrupted, cleaning up");
-            let group = {
+            let groups = {
                 let _no_spawn = super::runtime::SPAWN
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 super::runtime::STOPPING.store(true, Ordering::SeqCst);
-                super::runtime::CURRENT_GROUP.load(Ordering::SeqCst)
+                super::runtime::GROUPS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
             };
-            if group > 0 {
-                // SAFETY: kill(2) on the run's own process group.
-                unsafe { libc::kill(-group, libc::SIGTERM) };
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let alive = |g: i32| {
                 // SAFETY: signal 0 only checks that the group exists.
-                while unsafe { libc::kill(-group, 0) } == 0 && std::time::Instant::now() < deadline
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
+                unsafe { libc::kill(-g, 0) == 0 }
+            };
+            for &g in &groups {
+                // SAFETY: kill(2) on a run's own process group.
+                unsafe { libc::kill(-g, libc::SIGTERM) };
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while groups.iter().any(|&g| alive(g)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            for &g in &groups {
                 // SAFETY: as above.
-                unsafe { libc::kill(-group, libc::SIGKILL) };
+                unsafe { libc::kill(-g, libc::SIGKILL) };
             }
             super::remove_scratch(&scratch);
             if let Some(base) = scratch.parent() {
@@ -708,13 +957,13 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<9} {:<8} {:<9} {:<8} {:>12} {:>25} {:>10}",
+        "{:<9} {:<10} {:<9} {:<8} {:>12} {:>25} {:>10}",
         "suite", "case", "unit", "runtime", "median", "min - max", "ratio"
     );
     for c in &r.results {
         for f in &c.runtimes {
             let head = format!(
-                "{:<9} {:<8} {:<9} {:<8}",
+                "{:<9} {:<10} {:<9} {:<8}",
                 c.suite, c.case, c.unit, f.runtime
             );
             match (&f.skipped, f.median, f.min, f.max) {
@@ -741,7 +990,7 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "(ratio: median / the bare process's median; lower is better for ms, higher for events/s)"
+        "(ratio: median / the bare process's median; lower is better for ms and MiB, higher for the rest)"
     );
     s
 }

@@ -6,9 +6,10 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::BenchError;
@@ -16,11 +17,21 @@ use super::BenchError;
 /// Output kept per stream; workloads print a few lines.
 const OUTPUT_LIMIT: usize = 1 << 20;
 
+/// The line a holding workload prints once it is up; it then waits for its
+/// stdin to close, so that its memory can be measured while it runs.
+pub const READY: &str = "ligera-bench-ready";
+
 /// How one run went.
 #[derive(Debug)]
 pub struct Run {
+    /// When it was spawned.
+    pub start: Instant,
     /// Spawn to the first byte on stdout.
     pub first_output: Option<Duration>,
+    /// Spawn to the [`READY`] line (holding runs).
+    pub ready: Option<Duration>,
+    /// Host memory of the instance while it held, in bytes.
+    pub memory: Option<u64>,
     /// Spawn to exit.
     pub exit: Duration,
     pub status: i32,
@@ -28,8 +39,8 @@ pub struct Run {
     pub stderr: Vec<u8>,
 }
 
-/// The process group of the run in flight, for the signal handler.
-pub static CURRENT_GROUP: AtomicI32 = AtomicI32::new(0);
+/// The process groups of the runs in flight, for the signal handler.
+pub static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
 /// Set (under [`SPAWN`]) once a signal stops the bench: no run starts after.
 pub static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -73,6 +84,13 @@ pub struct Setup {
     pub image: Option<String>,
     /// The same image as a directory on the host.
     pub rootfs: PathBuf,
+    /// The process's root: `rootfs` bound elsewhere with `disk` on its
+    /// `/mnt` (or `rootfs` itself when there is no disk).
+    pub process_root: PathBuf,
+    /// A scratch directory on the host file system the VM's disk is on,
+    /// the container's and the process's `/mnt` (None: the image has no
+    /// `/mnt` to mount it on).
+    pub disk: Option<PathBuf>,
     pub cpus: u8,
     pub memory: u64,
     pub kernel: Option<PathBuf>,
@@ -85,6 +103,8 @@ pub struct Runtime {
     runs: u64,
     /// The VM's persistent sandbox, for suites that measure a running VM.
     sandbox: Option<String>,
+    /// Why that sandbox could not be made (not tried again).
+    sandbox_failed: Option<String>,
 }
 
 impl Runtime {
@@ -118,49 +138,78 @@ impl Runtime {
             kind,
             runs: 0,
             sandbox: None,
+            sandbox_failed: None,
         })
     }
 
-    /// Before a suite: a suite that measures a running system (not its
-    /// start) gets one VM for all its runs, as a persistent sandbox; the
-    /// container and the process start anew each run, which costs them
-    /// milliseconds. Returns why the runtime cannot run the suite.
-    pub fn begin(&mut self, setup: &Setup, persistent: bool) -> Result<(), String> {
-        if self.kind != Kind::Vm || !persistent {
+    /// Before a suite that measures a running system (not its start): the
+    /// VM gets one persistent sandbox, made for the first such suite and
+    /// kept for the others until [`Runtime::end`]; the container and the
+    /// process start anew each run, which costs them milliseconds. Returns
+    /// why the runtime cannot run the suite.
+    pub fn begin(&mut self, setup: &Setup) -> Result<(), String> {
+        if self.kind != Kind::Vm || self.sandbox.is_some() {
             return Ok(());
+        }
+        if let Some(why) = &self.sandbox_failed {
+            return Err(why.clone());
         }
         self.runs += 1;
         let name = format!("{}{}", container_prefix(std::process::id()), self.runs);
         let mut cmd = ligera().map_err(|e| e.to_string())?;
         cmd.args(["sandbox", "create", "--name", &name]);
         vm_options(&mut cmd, setup);
-        eprintln!("ligera: bench: starting a VM for the suite ({name})");
+        eprintln!("ligera: bench: starting a VM for the suites that measure a running VM ({name})");
         let out = cmd
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run ligera sandbox create: {e}"))?;
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("the VM did not start: {}", text.trim()));
+            let why = format!("the VM did not start: {}", text.trim());
+            self.sandbox_failed = Some(why.clone());
+            return Err(why);
         }
         self.sandbox = Some(name);
         Ok(())
     }
 
-    /// After a suite: the suite's VM goes.
+    /// After the last suite: the VM's sandbox goes.
     pub fn end(&mut self) {
         if let Some(name) = self.sandbox.take() {
             remove_sandbox(&name);
         }
     }
 
-    /// Runs `script` with the image's `/bin/sh`, to completion.
-    pub fn run(&mut self, setup: &Setup, script: &str) -> Result<Run, BenchError> {
+    /// Runs `script` with the image's `/bin/sh` to completion, in the VM's
+    /// sandbox if `in_sandbox` and there is one. A `hold` run prints
+    /// [`READY`] and waits for its stdin to close: its memory is measured
+    /// in between.
+    pub fn run(
+        &mut self,
+        setup: &Setup,
+        script: &str,
+        in_sandbox: bool,
+        hold: bool,
+    ) -> Result<Run, BenchError> {
+        let started = self.start(setup, script, in_sandbox, hold)?;
+        let mut runs = finish(vec![started], hold)?;
+        Ok(runs.pop().expect("one run"))
+    }
+
+    /// Starts `script` (see [`Runtime::run`]); [`finish`] waits for it.
+    pub fn start(
+        &mut self,
+        setup: &Setup,
+        script: &str,
+        in_sandbox: bool,
+        hold: bool,
+    ) -> Result<Started, BenchError> {
         self.runs += 1;
         let argv = ["/bin/sh", "-c", script];
         match self.kind {
             Kind::Process => {
-                let root = setup.rootfs.clone();
+                let root = setup.process_root.clone();
                 let mut cmd = Command::new(argv[0]);
                 cmd.args(&argv[1..])
                     .env_clear()
@@ -177,7 +226,7 @@ impl Runtime {
                         Ok(())
                     });
                 }
-                timed(cmd, libc::SIGKILL)
+                spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None)
             }
             Kind::Runc => {
                 let id = format!("{}{}", container_prefix(std::process::id()), self.runs);
@@ -190,29 +239,61 @@ impl Runtime {
                     .args(["run", "--bundle"])
                     .arg(&bundle)
                     .arg(&id);
-                let result = timed(cmd, libc::SIGKILL);
-                // `runc run` removes the container when it ends; after a
-                // failure make sure.
-                if result.as_ref().map_or(true, |r| r.status != 0) {
-                    runc_delete(&state, &id);
-                }
-                let _ = std::fs::remove_dir_all(&bundle);
-                result
+                let container = Container { state, id, bundle };
+                let probe = Probe::Cgroup(container.id.clone());
+                spawn(cmd, libc::SIGKILL, hold, probe, Some(container))
             }
             Kind::Vm => {
                 let mut cmd = ligera()?;
-                if let Some(name) = &self.sandbox {
-                    cmd.args(["sandbox", "exec", name.as_str()]);
-                } else {
-                    cmd.args(["sandbox", "run"]);
-                    vm_options(&mut cmd, setup);
-                }
+                let probe = match self.sandbox.as_ref().filter(|_| in_sandbox) {
+                    Some(name) => {
+                        cmd.args(["sandbox", "exec", name.as_str()]);
+                        Probe::Tree(sandbox_pid(name))
+                    }
+                    None => {
+                        cmd.args(["sandbox", "run"]);
+                        vm_options(&mut cmd, setup);
+                        Probe::Tree(None)
+                    }
+                };
                 cmd.arg("--").args(argv);
                 // SIGTERM, not SIGKILL: the sandbox cleans up after itself.
-                timed(cmd, libc::SIGTERM)
+                spawn(cmd, libc::SIGTERM, hold, probe, None)
             }
         }
     }
+}
+
+/// A container's runc state directory, id and bundle.
+struct Container {
+    state: PathBuf,
+    id: String,
+    bundle: PathBuf,
+}
+
+/// How an instance's host memory is measured.
+enum Probe {
+    /// The PSS of this process (None: the run's own) and its descendants:
+    /// a VM's touched guest RAM is in its VMM's PSS.
+    Tree(Option<i32>),
+    /// The memory the container's cgroup is charged, plus the PSS of the
+    /// run's processes outside it (`runc run`, which stays the container's
+    /// parent).
+    Cgroup(String),
+}
+
+/// An instance started and not yet waited for.
+pub struct Started {
+    child: Child,
+    start: Instant,
+    stdin: Option<ChildStdin>,
+    /// Wakes (a message or a hang-up) once the run is ready or its
+    /// stdout ended.
+    ready: mpsc::Receiver<()>,
+    stdout: JoinHandle<(Vec<u8>, Option<Duration>, Option<Duration>)>,
+    stderr: JoinHandle<Vec<u8>>,
+    probe: Probe,
+    container: Option<Container>,
 }
 
 /// This ligera, to run as a command.
@@ -234,6 +315,16 @@ fn vm_options(cmd: &mut Command, setup: &Setup) {
     if let Some(kernel) = &setup.kernel {
         cmd.arg("--kernel").arg(kernel);
     }
+}
+
+/// The pid of the process that runs sandbox `name`.
+fn sandbox_pid(name: &str) -> Option<i32> {
+    let dir = crate::sandbox::runtime_dir().join(format!("sb-{name}"));
+    std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Ends the sandbox `name` and removes what it left.
@@ -263,10 +354,16 @@ pub fn remove_sandboxes(prefix: &str) {
     }
 }
 
-/// Runs `cmd` in its own process group, ending with us (`death_signal`);
-/// returns its timings, status and output.
-fn timed(mut cmd: Command, death_signal: libc::c_int) -> Result<Run, BenchError> {
-    cmd.stdin(Stdio::null())
+/// Starts `cmd` in its own process group, ending with us (`death_signal`),
+/// with its output read by threads.
+fn spawn(
+    mut cmd: Command,
+    death_signal: libc::c_int,
+    hold: bool,
+    probe: Probe,
+    container: Option<Container>,
+) -> Result<Started, BenchError> {
+    cmd.stdin(if hold { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -283,13 +380,27 @@ fn timed(mut cmd: Command, death_signal: libc::c_int) -> Result<Run, BenchError>
         park();
     }
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| BenchError::Setup(format!("cannot start {:?}: {e}", cmd.get_program())))?;
-    CURRENT_GROUP.store(child.id() as i32, Ordering::SeqCst);
+    let spawned = cmd.spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            drop(spawning);
+            if let Some(c) = &container {
+                let _ = std::fs::remove_dir_all(&c.bundle);
+            }
+            return Err(BenchError::Setup(format!(
+                "cannot start {:?}: {e}",
+                cmd.get_program()
+            )));
+        }
+    };
+    GROUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(child.id() as i32);
     drop(spawning);
     let mut stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
+    let stderr = std::thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = (&mut stderr)
             .take(OUTPUT_LIMIT as u64)
@@ -299,50 +410,205 @@ fn timed(mut cmd: Command, death_signal: libc::c_int) -> Result<Run, BenchError>
         buf
     });
     let mut stdout = child.stdout.take().expect("piped");
-    let mut out = Vec::new();
-    let mut first_output = None;
-    let mut buf = [0u8; 8192];
-    loop {
-        match stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                first_output.get_or_insert_with(|| start.elapsed());
-                if out.len() < OUTPUT_LIMIT {
-                    out.extend_from_slice(&buf[..n.min(OUTPUT_LIMIT - out.len())]);
+    let (ready_tx, ready) = mpsc::channel();
+    let stdout = std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        let mut out = Vec::new();
+        let mut first_output = None;
+        let mut ready = None;
+        let mut buf = [0u8; 8192];
+        let marker = format!("{READY}\n");
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    first_output.get_or_insert_with(|| start.elapsed());
+                    let from = out.len().saturating_sub(marker.len());
+                    if out.len() < OUTPUT_LIMIT {
+                        out.extend_from_slice(&buf[..n.min(OUTPUT_LIMIT - out.len())]);
+                    }
+                    if ready.is_none()
+                        && out[from..]
+                            .windows(marker.len())
+                            .any(|w| w == marker.as_bytes())
+                    {
+                        ready = Some(start.elapsed());
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+        }
+        (out, first_output, ready)
+    });
+    Ok(Started {
+        stdin: child.stdin.take(),
+        child,
+        start,
+        ready,
+        stdout,
+        stderr,
+        probe,
+        container,
+    })
+}
+
+/// Waits for `started` to end. Holding runs are first waited for until each
+/// is ready (or has ended); then the memory of each is measured and their
+/// stdin closed, which lets them end.
+pub fn finish(mut started: Vec<Started>, hold: bool) -> Result<Vec<Run>, BenchError> {
+    let mut memory = vec![None; started.len()];
+    if hold {
+        for s in &started {
+            let _ = s.ready.recv();
+        }
+        for (m, s) in memory.iter_mut().zip(&started) {
+            *m = match &s.probe {
+                Probe::Tree(pid) => tree_pss(pid.unwrap_or(s.child.id() as i32), &[]),
+                Probe::Cgroup(id) => cgroup_memory(id).map(|(charged, inside)| {
+                    charged + tree_pss(s.child.id() as i32, &inside).unwrap_or(0)
+                }),
+            };
         }
     }
-    let status = child
-        .wait()
-        .map_err(|e| BenchError::Setup(format!("cannot wait for a run: {e}")))?;
-    let exit = start.elapsed();
-    if STOPPING.load(Ordering::SeqCst) {
-        // Stopped by a signal, not a result: the handler is cleaning up.
-        park();
+    for s in &mut started {
+        s.stdin.take();
     }
-    CURRENT_GROUP.store(0, Ordering::SeqCst);
-    let stderr = errors.join().unwrap_or_default();
-    use std::os::unix::process::ExitStatusExt;
-    let status = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok(Run {
-        first_output,
-        exit,
-        status,
-        stdout: out,
-        stderr,
-    })
+    let mut runs = Vec::with_capacity(started.len());
+    let mut failure = None;
+    for (s, memory) in started.into_iter().zip(memory) {
+        let Started {
+            mut child,
+            start,
+            stdout,
+            stderr,
+            container,
+            ..
+        } = s;
+        let (out, first_output, ready) = stdout.join().unwrap_or_default();
+        let status = child.wait();
+        let exit = start.elapsed();
+        if STOPPING.load(Ordering::SeqCst) {
+            // Stopped by a signal, not a result: the handler is cleaning up.
+            park();
+        }
+        GROUPS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&g| g != child.id() as i32);
+        let stderr = stderr.join().unwrap_or_default();
+        let status = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+            }
+            Err(e) => {
+                failure.get_or_insert(BenchError::Setup(format!("cannot wait for a run: {e}")));
+                continue;
+            }
+        };
+        if let Some(c) = container {
+            // `runc run` removes the container when it ends; after a
+            // failure make sure.
+            if status != 0 {
+                runc_delete(&c.state, &c.id);
+            }
+            let _ = std::fs::remove_dir_all(&c.bundle);
+        }
+        runs.push(Run {
+            start,
+            first_output,
+            ready,
+            memory,
+            exit,
+            status,
+            stdout: out,
+            stderr,
+        });
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(runs),
+    }
+}
+
+/// The summed PSS of process `root` and its descendants but `except`, in
+/// bytes.
+fn tree_pss(root: i32, except: &[i32]) -> Option<u64> {
+    let mut parents = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    let mut total = 0;
+    for pid in tree.into_iter().filter(|p| !except.contains(p)) {
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        total += rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024;
+    }
+    (total > 0).then_some(total)
+}
+
+/// What the memory cgroup of container `id` is charged, in bytes, and the
+/// processes in it.
+fn cgroup_memory(id: &str) -> Option<(u64, Vec<i32>)> {
+    let v2 = Path::new("/sys/fs/cgroup").join(id);
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(id);
+    let (dir, file) = if v2.join("memory.current").exists() {
+        (v2, "memory.current")
+    } else {
+        (v1, "memory.usage_in_bytes")
+    };
+    let charged = std::fs::read_to_string(dir.join(file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    Some((charged, procs))
 }
 
 /// The OCI bundle for one container: `config.json` from oci-spec's
 /// defaults (those of `runc spec`), the image as a read-only root, the
 /// VM's limits as cgroup limits, and a new, empty network namespace.
 fn write_bundle(bundle: &Path, setup: &Setup, argv: &[&str]) -> Result<(), BenchError> {
-    use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources, Root, Spec};
+    use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources, MountBuilder, Root, Spec};
     let setup_err = |what: &str, e: &dyn std::fmt::Display| {
         BenchError::Setup(format!("runc bundle {}: {what}: {e}", bundle.display()))
     };
@@ -358,6 +624,18 @@ fn write_bundle(bundle: &Path, setup: &Setup, argv: &[&str]) -> Result<(), Bench
             "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
             "HOME=/root".into(),
         ]));
+    }
+    if let Some(disk) = &setup.disk {
+        let mount = MountBuilder::default()
+            .destination("/mnt")
+            .typ("bind")
+            .source(disk)
+            .options(vec!["rbind".to_string(), "rw".to_string()])
+            .build()
+            .map_err(|e| setup_err("bad mount", &e))?;
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(mount);
+        spec.set_mounts(Some(mounts));
     }
     if let Some(linux) = spec.linux_mut() {
         let period: u64 = 100_000;
