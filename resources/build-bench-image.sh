@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the image `ligera bench` runs by default: a Debian 12 root file
 # system directory made by mmdebstrap from Debian's packages, with the
-# standard tools the suites read their figures from (sysbench, fio, iperf3).
+# standard tools the suites read their figures from (sysbench, fio, iperf3, socat).
 #
 #   resources/build-bench-image.sh [--print-path]
 #
@@ -29,7 +29,7 @@ done
 
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PACKAGES=sysbench,fio,iperf3
+PACKAGES=sysbench,fio,iperf3,socat
 cache_root=${LIGERA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ligera}
 hash=$(sha256sum <"$self" | cut -c1-16)
 out="$cache_root/bench-image-$hash"
@@ -52,7 +52,7 @@ else
 		--dpkgopt='path-exclude=/usr/share/info/*' \
 		"$SUITE" "$stage/rootfs" "$MIRROR" 2>&1 \
 		| grep --line-buffered -E '^(I|W|E): ' | sed -u 's/^/build-bench-image: /' || true
-	for tool in sysbench fio iperf3; do
+	for tool in sysbench fio iperf3 socat; do
 		[ -x "$stage/rootfs/usr/bin/$tool" ] || die "mmdebstrap did not install $tool"
 	done
 	rm -rf "$out"

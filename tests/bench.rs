@@ -71,6 +71,16 @@ fn assert_nothing_left() {
             assert!(!name.starts_with("sb-ligera-bench-"), "{name} left behind");
         }
     }
+    // The net suite's namespaces (and with them its veth and tap).
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with("ligera-bench-"),
+                "netns {name} left behind"
+            );
+        }
+    }
     for controller in ["memory", "cpu", "pids"] {
         let Ok(entries) = std::fs::read_dir(format!("/sys/fs/cgroup/{controller}")) else {
             continue;
@@ -207,7 +217,7 @@ fn median(report: &serde_json::Value, suite: &str, case: &str, runtime: &str) ->
     f["median"].as_f64().unwrap_or_else(|| panic!("{f}"))
 }
 
-/// The bench image (Debian's sysbench and fio) through every suite in a
+/// The bench image (Debian's sysbench, fio, iperf3, socat) through every suite in a
 /// container and a process: the tools' own figures, sane, and a container
 /// computes as fast as a bare process.
 #[test]
@@ -225,7 +235,7 @@ fn the_bench_image_suites_in_a_container_and_a_process() {
     let (stdout, _, report) = bench_report(
         &[
             "--suite",
-            "cpu,memory,disk,density",
+            "cpu,memory,disk,net,density",
             "--runtime",
             "process,runc",
             "--runs",
@@ -266,6 +276,13 @@ fn the_bench_image_suites_in_a_container_and_a_process() {
             let v = median(&report, "disk", case, runtime);
             assert!(v > 1.0, "{runtime} disk {case}: {v}");
         }
+        // iperf3 over loopback (process) and a veth (container) moves more
+        // than 100 Mbit/s anywhere; a TCP round trip takes time, and less
+        // than a second.
+        let tcp = median(&report, "net", "tcp", runtime);
+        assert!(tcp > 0.1, "{runtime}: {tcp} Gbit/s");
+        let rtt = median(&report, "net", "rtt", runtime);
+        assert!(rtt > 1.0 && rtt < 1e6, "{runtime}: {rtt} us");
         // Three instances at once: up within a minute, and together they
         // cost more than one.
         let up = median(&report, "density", "all-up", runtime);
@@ -404,6 +421,10 @@ fn the_vm_runs_beside_the_container_and_the_process() {
     assert!(vm["median"].as_f64().unwrap_or_else(|| panic!("{vm}")) > 0.0);
     assert_eq!(vm["runs"].as_array().unwrap().len(), 2);
     assert!(median(&report, "memory", "bandwidth", "vm") > 0.0);
+    // The sandbox's tap in the bench's namespace, eth0 configured by the
+    // agent: iperf3 and the echo server answer.
+    assert!(median(&report, "net", "tcp", "vm") > 0.0);
+    assert!(median(&report, "net", "rtt", "vm") > 0.0);
     for case in ["randread", "randwrite", "seqread", "seqwrite"] {
         assert!(median(&report, "disk", case, "vm") > 0.0, "disk {case}");
     }
@@ -417,10 +438,17 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         vm > process && vm < 320.0,
         "vm {vm} MiB, process {process} MiB"
     );
-    // Two VMs at once: both up, and they cost more than one.
+    // Two VMs at once: both up; they cost more than two processes and less
+    // than twice a VM's RAM and 64 MiB.
     assert!(median(&report, "density", "all-up", "vm") > 0.0);
-    let two = median(&report, "density", "memory", "vm");
-    assert!(two > vm, "two VMs {two} MiB, one {vm} MiB");
+    let (two, processes) = (
+        median(&report, "density", "memory", "vm"),
+        median(&report, "density", "memory", "process"),
+    );
+    assert!(
+        two > processes && two < 640.0,
+        "two VMs {two} MiB, two processes {processes} MiB"
+    );
     if report["host"]["nested_emulation"] == true {
         assert!(
             report["warning"]

@@ -180,6 +180,22 @@ fn ligera(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+fn bad_network_flags_are_status_2_before_any_vm() {
+    for (flag, says) in [
+        ("tap=t0,gw=10.0.0.1", "'gw=' needs 'ip='"),
+        ("tap=t0,ip=10.0.0.300/24", "want ip=ADDR/PREFIX"),
+        ("tap=t0,ip=10.0.0.2/33", "want ip=ADDR/PREFIX"),
+        ("tap=t0,ip=10.0.0.2", "want ip=ADDR/PREFIX"),
+        ("ip=10.0.0.2/24", "'tap=' is required"),
+        ("tap=t0,dns=1.1.1.1", "unknown key 'dns'"),
+    ] {
+        let (code, _, err) = ligera(&["sandbox", "run", "--net", flag, "--", "true"]);
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(err.contains(says), "{flag}: {err}");
+    }
+}
+
+#[test]
 fn missing_and_dead_sandboxes_are_handled_without_a_vm() {
     let (code, _, err) = ligera(&["sandbox", "exec", "no-such-sandbox", "--", "true"]);
     assert_eq!((code, err.lines().count()), (125, 1), "{err}");

@@ -3,4 +3,5 @@
 //! ([`protocol`]), which `ligera sandbox` uses from the other end.
 
 pub mod copy;
+pub mod net;
 pub mod protocol;

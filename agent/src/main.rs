@@ -163,6 +163,9 @@ fn init() -> io::Result<()> {
     let name = b"sandbox";
     // SAFETY: sethostname reads `name` for its length.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+    let ip = agent::net::parse_cmdline(&cmdline).map_err(io::Error::other)?;
+    agent::net::configure(ip.as_ref())?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! medians, ranges and ratios to the bare process, as a table on the
 //! terminal and, on request, JSON and CSV.
 
+mod net;
 mod plot;
 pub mod runtime;
 
@@ -40,6 +41,9 @@ pub enum Suite {
     /// --density instances started at once: time until all are up, and
     /// their host memory together.
     Density,
+    /// iperf3 throughput and TCP request/response round trips between the
+    /// host side and the instance (loopback, veth, tap).
+    Net,
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,7 +55,7 @@ pub struct BenchArgs {
     pub image: Option<String>,
 
     /// Suites to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["startup", "cpu", "memory", "disk", "density"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["startup", "cpu", "memory", "disk", "net", "density"])]
     pub suite: Vec<Suite>,
 
     /// Runtimes to compare, comma-separated.
@@ -191,6 +195,7 @@ impl Suite {
             Suite::Memory => "memory",
             Suite::Disk => "disk",
             Suite::Density => "density",
+            Suite::Net => "net",
         }
     }
 
@@ -207,13 +212,16 @@ impl Suite {
             ),
             Suite::Disk => {
                 // One fio run, four jobs one after the other (stonewall),
-                // on one file laid out once; psync, so that every
-                // runtime's fio does the same system calls.
+                // on one file; psync, so that every runtime's fio does the
+                // same system calls. dd lays the file out in 1 MiB writes:
+                // fio's own layout writes it a block at a time, which takes
+                // minutes in an emulated guest.
                 let job = |name: &str, rw: &str, bs: &str| {
                     format!(" --name={name} --rw={rw} --bs={bs} --stonewall")
                 };
                 format!(
-                    "fio --output-format=json --filename={FIO_FILE} --size=32M --direct=1 \
+                    "dd if=/dev/zero of={FIO_FILE} bs=1M count=16 oflag=direct status=none && \
+                     fio --output-format=json --filename={FIO_FILE} --size=16M --direct=1 \
                      --ioengine=psync --thread --time_based --runtime={secs}{}{}{}{}; \
                      s=$?; rm -f {FIO_FILE}; exit $s",
                     job("randread", "randread", "4k"),
@@ -223,27 +231,29 @@ impl Suite {
                 )
             }
             Suite::Density => format!("echo {}; read x || :", runtime::READY),
+            Suite::Net => net::server_script(),
         }
     }
 
-    /// A tool the image must have, looked for in its root file system.
-    fn needs(self) -> Option<&'static str> {
+    /// Tools the image must have, looked for in its root file system.
+    fn needs(self) -> &'static [&'static str] {
         match self {
-            Suite::Startup | Suite::Density => None,
-            Suite::Cpu | Suite::Memory => Some("sysbench"),
-            Suite::Disk => Some("fio"),
+            Suite::Startup | Suite::Density => &[],
+            Suite::Cpu | Suite::Memory => &["sysbench"],
+            Suite::Disk => &["fio"],
+            Suite::Net => &["iperf3", "socat"],
         }
     }
 
     /// Whether it measures a running system: the VM's runs go to the
     /// bench's persistent sandbox instead of a new VM each.
     fn in_sandbox(self) -> bool {
-        matches!(self, Suite::Cpu | Suite::Memory | Suite::Disk)
+        matches!(self, Suite::Cpu | Suite::Memory | Suite::Disk | Suite::Net)
     }
 
     /// Whether its runs hold (print READY and wait) to be measured.
     fn hold(self) -> bool {
-        matches!(self, Suite::Memory | Suite::Density)
+        matches!(self, Suite::Memory | Suite::Density | Suite::Net)
     }
 
     fn instances(self, args: &BenchArgs) -> u32 {
@@ -327,6 +337,20 @@ impl Suite {
                     },
                 },
             ],
+            Suite::Net => vec![
+                Case {
+                    name: "tcp",
+                    unit: "Gbit/s",
+                    better: "higher",
+                    read: |r| net_figure(&r[0]).map(|(gbits, _)| gbits),
+                },
+                Case {
+                    name: "rtt",
+                    unit: "us",
+                    better: "lower",
+                    read: |r| net_figure(&r[0]).map(|(_, rtt)| rtt),
+                },
+            ],
             Suite::Density => vec![
                 Case {
                     name: "all-up",
@@ -355,6 +379,13 @@ impl Suite {
             ],
         }
     }
+}
+
+/// The net suite's figures of a run.
+fn net_figure(run: &Run) -> Result<(f64, f64), String> {
+    run.net
+        .clone()
+        .unwrap_or_else(|| Err("not measured".into()))
 }
 
 /// The number after `label` in sysbench's report.
@@ -472,7 +503,19 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     } else {
         (rootfs.clone(), None)
     };
+    let mut net_problem = None;
+    let net = if !suites.contains(&Suite::Net) {
+        None
+    } else if !root {
+        net_problem = Some("network namespaces need root".to_string());
+        None
+    } else {
+        net::Net::create()
+            .map_err(|e| net_problem = Some(format!("cannot make the network: {e}")))
+            .ok()
+    };
     let setup = Setup {
+        net,
         image: image.as_deref().map(crate::image::absolute),
         rootfs,
         process_root,
@@ -495,8 +538,10 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         let cases = suite.cases();
         let missing = suite
             .needs()
-            .filter(|tool| !image_has(&setup.rootfs, tool))
-            .map(|tool| format!("the image has no {tool}"));
+            .iter()
+            .find(|tool| !image_has(&setup.rootfs, tool))
+            .map(|tool| format!("the image has no {tool}"))
+            .or_else(|| (suite == Suite::Net).then(|| net_problem.clone()).flatten());
         let script = suite.script(args);
         let instances = suite.instances(args);
         // figures[case][runtime]
@@ -535,11 +580,29 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 progress(
                     suite, rt.kind, round, warmup, args.runs, done, total, started,
                 );
+                let job = runtime::Job {
+                    script: &script,
+                    in_sandbox: suite.in_sandbox(),
+                    hold: suite.hold(),
+                    net: suite == Suite::Net,
+                };
                 let mut group = Vec::new();
                 for _ in 0..instances {
-                    group.push(rt.start(&setup, &script, suite.in_sandbox(), suite.hold())?);
+                    group.push(rt.start(&setup, &job)?);
                 }
-                let runs = runtime::finish(group, suite.hold())?;
+                let kind = rt.kind;
+                let measure = || match &setup.net {
+                    Some(n) => net::measure(
+                        n,
+                        &setup.process_root,
+                        net::Net::address(kind),
+                        args.duration,
+                    ),
+                    None => Err("no network".into()),
+                };
+                let during: Option<&dyn Fn() -> Result<(f64, f64), String>> =
+                    (suite == Suite::Net).then_some(&measure);
+                let runs = runtime::finish(group, suite.hold(), during)?;
                 if let Some(bad) = runs.iter().find(|r| r.status != 0) {
                     failed[k] = Some(failure(bad));
                     continue;
@@ -840,6 +903,7 @@ fn remove_scratch(scratch: &Path) {
     }
     runtime::remove_cgroups(&runtime::container_prefix(std::process::id()));
     runtime::remove_sandboxes(&runtime::container_prefix(std::process::id()));
+    net::remove(std::process::id());
     for mnt in ["process-root/mnt", "process-root", "rootfs"] {
         let mnt = scratch.join(mnt);
         if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
@@ -995,11 +1059,14 @@ pub fn table(r: &Report) -> String {
     s
 }
 
+/// A figure for the table: whole numbers from 100 up, else three
+/// significant digits (so a small figure never reads as 0.00).
 fn num(v: f64) -> String {
-    if v >= 100.0 {
+    if v.abs() >= 100.0 || v == 0.0 || !v.is_finite() {
         format!("{v:.0}")
     } else {
-        format!("{v:.2}")
+        let digits = (2 - v.abs().log10().floor() as i32).clamp(0, 12) as usize;
+        format!("{v:.digits$}")
     }
 }
 
@@ -1052,5 +1119,29 @@ mod tests {
         let out = b"CPU speed:\n    events per second:  1234.56\n\nGeneral statistics:\n";
         assert_eq!(sysbench_figure(out, "events per second:"), Ok(1234.56));
         assert!(sysbench_figure(b"garbage", "events per second:").is_err());
+        let out =
+            b"Total operations: 5 (2.0 per second)\n\n555.73 MiB transferred (285.21 MiB/sec)\n";
+        assert_eq!(sysbench_rate(out), Ok(285.21));
+        assert!(sysbench_rate(b"nothing").is_err());
+    }
+
+    #[test]
+    fn table_numbers() {
+        assert_eq!(num(1741.4), "1741");
+        assert_eq!(num(12.345), "12.3");
+        assert_eq!(num(1.5), "1.50");
+        assert_eq!(num(0.0031), "0.00310");
+        assert_eq!(num(0.0), "0");
+    }
+
+    #[test]
+    fn fio_json() {
+        let out = br#"note: a line before
+{"jobs": [{"jobname": "randread", "read": {"iops": 12.5, "bw_bytes": 51200},
+           "write": {"iops": 0.0, "bw_bytes": 0}}]}"#;
+        assert_eq!(fio_figure(out, "randread", "read", "iops"), Ok(12.5));
+        assert_eq!(fio_figure(out, "randread", "read", "bw_bytes"), Ok(51200.0));
+        assert!(fio_figure(out, "seqread", "read", "iops").is_err());
+        assert!(fio_figure(b"fio: error", "randread", "read", "iops").is_err());
     }
 }

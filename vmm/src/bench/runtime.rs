@@ -32,6 +32,9 @@ pub struct Run {
     pub ready: Option<Duration>,
     /// Host memory of the instance while it held, in bytes.
     pub memory: Option<u64>,
+    /// The net suite's throughput (Gbit/s) and round trip (µs), measured
+    /// while it held.
+    pub net: Option<Result<(f64, f64), String>>,
     /// Spawn to exit.
     pub exit: Duration,
     pub status: i32,
@@ -91,6 +94,9 @@ pub struct Setup {
     /// the container's and the process's `/mnt` (None: the image has no
     /// `/mnt` to mount it on).
     pub disk: Option<PathBuf>,
+    /// The net suite's namespaces and links (None: no net suite, or they
+    /// could not be made).
+    pub net: Option<super::net::Net>,
     pub cpus: u8,
     pub memory: u64,
     pub kernel: Option<PathBuf>,
@@ -159,6 +165,12 @@ impl Runtime {
         let mut cmd = ligera().map_err(|e| e.to_string())?;
         cmd.args(["sandbox", "create", "--name", &name]);
         vm_options(&mut cmd, setup);
+        if let Some(net) = &setup.net {
+            // The sandbox (and its tap) lives in the host-side namespace.
+            cmd.arg("--net").arg(net.vm_flag());
+            let ns = net.host_side().map_err(|e| e.to_string())?;
+            super::net::enter(&mut cmd, ns);
+        }
         eprintln!("ligera: bench: starting a VM for the suites that measure a running VM ({name})");
         let out = cmd
             .stdin(Stdio::null())
@@ -181,30 +193,9 @@ impl Runtime {
         }
     }
 
-    /// Runs `script` with the image's `/bin/sh` to completion, in the VM's
-    /// sandbox if `in_sandbox` and there is one. A `hold` run prints
-    /// [`READY`] and waits for its stdin to close: its memory is measured
-    /// in between.
-    pub fn run(
-        &mut self,
-        setup: &Setup,
-        script: &str,
-        in_sandbox: bool,
-        hold: bool,
-    ) -> Result<Run, BenchError> {
-        let started = self.start(setup, script, in_sandbox, hold)?;
-        let mut runs = finish(vec![started], hold)?;
-        Ok(runs.pop().expect("one run"))
-    }
-
-    /// Starts `script` (see [`Runtime::run`]); [`finish`] waits for it.
-    pub fn start(
-        &mut self,
-        setup: &Setup,
-        script: &str,
-        in_sandbox: bool,
-        hold: bool,
-    ) -> Result<Started, BenchError> {
+    /// Starts `job`; [`finish`] waits for it.
+    pub fn start(&mut self, setup: &Setup, job: &Job) -> Result<Started, BenchError> {
+        let (script, hold) = (job.script, job.hold);
         self.runs += 1;
         let argv = ["/bin/sh", "-c", script];
         match self.kind {
@@ -215,23 +206,21 @@ impl Runtime {
                     .env_clear()
                     .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
                     .env("HOME", "/root");
-                let root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
-                    .map_err(|_| BenchError::Setup("the root path has a NUL byte".into()))?;
-                // SAFETY: only async-signal-safe calls between fork and exec.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
+                let netns = match (&setup.net, job.net) {
+                    (Some(net), true) => Some(net.host_side()?),
+                    _ => None,
+                };
+                super::net::confine(&mut cmd, &root, netns)?;
                 spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None)
             }
             Kind::Runc => {
                 let id = format!("{}{}", container_prefix(std::process::id()), self.runs);
                 let bundle = setup.scratch.join(&id);
-                write_bundle(&bundle, setup, &argv)?;
+                let netns = match (&setup.net, job.net) {
+                    (Some(net), true) => Some(net.container_side()),
+                    _ => None,
+                };
+                write_bundle(&bundle, setup, &argv, netns.as_deref())?;
                 let state = setup.scratch.join("runc-state");
                 let mut cmd = Command::new("runc");
                 cmd.arg("--root")
@@ -245,7 +234,7 @@ impl Runtime {
             }
             Kind::Vm => {
                 let mut cmd = ligera()?;
-                let probe = match self.sandbox.as_ref().filter(|_| in_sandbox) {
+                let probe = match self.sandbox.as_ref().filter(|_| job.in_sandbox) {
                     Some(name) => {
                         cmd.args(["sandbox", "exec", name.as_str()]);
                         Probe::Tree(sandbox_pid(name))
@@ -262,6 +251,17 @@ impl Runtime {
             }
         }
     }
+}
+
+/// What one run runs: a script for the image's `/bin/sh`, in the VM's
+/// persistent sandbox if `in_sandbox` and there is one. A `hold` run prints
+/// [`READY`] and waits for its stdin to close: it is measured in between.
+/// A `net` run is reachable from the bench's host-side network namespace.
+pub struct Job<'a> {
+    pub script: &'a str,
+    pub in_sandbox: bool,
+    pub hold: bool,
+    pub net: bool,
 }
 
 /// A container's runc state directory, id and bundle.
@@ -459,11 +459,20 @@ fn spawn(
 /// Waits for `started` to end. Holding runs are first waited for until each
 /// is ready (or has ended); then the memory of each is measured and their
 /// stdin closed, which lets them end.
-pub fn finish(mut started: Vec<Started>, hold: bool) -> Result<Vec<Run>, BenchError> {
+pub fn finish(
+    mut started: Vec<Started>,
+    hold: bool,
+    during: Option<&dyn Fn() -> Result<(f64, f64), String>>,
+) -> Result<Vec<Run>, BenchError> {
     let mut memory = vec![None; started.len()];
+    let mut net = None;
     if hold {
+        let mut all_ready = true;
         for s in &started {
-            let _ = s.ready.recv();
+            all_ready &= s.ready.recv().is_ok();
+        }
+        if let Some(measure) = during.filter(|_| all_ready) {
+            net = Some(measure());
         }
         for (m, s) in memory.iter_mut().zip(&started) {
             *m = match &s.probe {
@@ -519,6 +528,7 @@ pub fn finish(mut started: Vec<Started>, hold: bool) -> Result<Vec<Run>, BenchEr
             let _ = std::fs::remove_dir_all(&c.bundle);
         }
         runs.push(Run {
+            net: net.take(),
             start,
             first_output,
             ready,
@@ -607,8 +617,15 @@ fn cgroup_memory(id: &str) -> Option<(u64, Vec<i32>)> {
 /// The OCI bundle for one container: `config.json` from oci-spec's
 /// defaults (those of `runc spec`), the image as a read-only root, the
 /// VM's limits as cgroup limits, and a new, empty network namespace.
-fn write_bundle(bundle: &Path, setup: &Setup, argv: &[&str]) -> Result<(), BenchError> {
-    use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources, MountBuilder, Root, Spec};
+fn write_bundle(
+    bundle: &Path,
+    setup: &Setup,
+    argv: &[&str],
+    netns: Option<&Path>,
+) -> Result<(), BenchError> {
+    use oci_spec::runtime::{
+        LinuxCpu, LinuxMemory, LinuxNamespaceType, LinuxResources, MountBuilder, Root, Spec,
+    };
     let setup_err = |what: &str, e: &dyn std::fmt::Display| {
         BenchError::Setup(format!("runc bundle {}: {what}: {e}", bundle.display()))
     };
@@ -625,6 +642,22 @@ fn write_bundle(bundle: &Path, setup: &Setup, argv: &[&str]) -> Result<(), Bench
             "HOME=/root".into(),
         ]));
     }
+    // A writable /tmp over the read-only root, as the VM has (iperf3's
+    // server makes its buffer file there).
+    let tmp = MountBuilder::default()
+        .destination("/tmp")
+        .typ("tmpfs")
+        .source("tmpfs")
+        .options(vec![
+            "nosuid".to_string(),
+            "nodev".to_string(),
+            "mode=1777".to_string(),
+        ])
+        .build()
+        .map_err(|e| setup_err("bad mount", &e))?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(tmp);
+    spec.set_mounts(Some(mounts));
     if let Some(disk) = &setup.disk {
         let mount = MountBuilder::default()
             .destination("/mnt")
@@ -638,6 +671,13 @@ fn write_bundle(bundle: &Path, setup: &Setup, argv: &[&str]) -> Result<(), Bench
         spec.set_mounts(Some(mounts));
     }
     if let Some(linux) = spec.linux_mut() {
+        if let (Some(path), Some(namespaces)) = (netns, linux.namespaces_mut()) {
+            for ns in namespaces.iter_mut() {
+                if ns.typ() == LinuxNamespaceType::Network {
+                    ns.set_path(Some(path.to_path_buf()));
+                }
+            }
+        }
         let period: u64 = 100_000;
         let mut cpu = LinuxCpu::default();
         cpu.set_period(Some(period))
@@ -734,6 +774,7 @@ pub fn remove_stale(base: &Path) {
         }
         remove_cgroups(&container_prefix(pid as u32));
         remove_sandboxes(&container_prefix(pid as u32));
+        super::net::remove(pid as u32);
         let _ = std::fs::remove_dir_all(e.path());
     }
 }

@@ -107,8 +107,55 @@ pub struct VmOptions {
     #[arg(long, value_name = "MODE", default_value = "on", help = crate::cli::SECCOMP_HELP)]
     pub seccomp: crate::cli::OnOff,
 
+    /// A network interface on host TAP device NAME (made if missing, as
+    /// `ligera run --net` does), which the agent brings up as eth0 with
+    /// address ADDR/PREFIX and default route via GW. Loopback is always up.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,gw=GW]",
+          value_parser = parse_sandbox_net)]
+    pub net: Option<SandboxNet>,
+
     #[command(flatten)]
     pub jail: crate::jail::JailOptions,
+}
+
+/// `--net` of a sandbox: the VM's interface and the guest's address.
+#[derive(Clone, Debug)]
+pub struct SandboxNet {
+    pub nic: crate::config::NetConfig,
+    /// `ligera.ip=` for the agent: `ADDR/PREFIX[,GW]`.
+    pub ip: Option<String>,
+    /// The flag's text, for the `serve` process.
+    pub text: String,
+}
+
+fn parse_sandbox_net(text: &str) -> Result<SandboxNet, String> {
+    let o = crate::options::Options::parse(text, &["tap", "mac", "ip", "gw"])?;
+    let nic = crate::config::NetConfig {
+        tap: o.required("tap")?.to_string(),
+        mac: o.get("mac").map(crate::options::parse_mac).transpose()?,
+    };
+    let ip = match (o.get("ip"), o.get("gw")) {
+        (None, None) => None,
+        (None, Some(_)) => return Err("'gw=' needs 'ip='".into()),
+        (Some(ip), gw) => {
+            let value = match gw {
+                Some(gw) => format!("{ip},{gw}"),
+                None => ip.to_string(),
+            };
+            agent::net::parse_cmdline(&format!("ligera.ip={value}")).map_err(|_| {
+                format!(
+                    "ip={ip}{}: want ip=ADDR/PREFIX and gw=ADDR, IPv4",
+                    gw.map_or(String::new(), |g| format!(",gw={g}"))
+                )
+            })?;
+            Some(value)
+        }
+    };
+    Ok(SandboxNet {
+        nic,
+        ip,
+        text: text.to_string(),
+    })
 }
 
 /// How one command runs.
@@ -508,8 +555,14 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
         readonly,
         id: Some(id.into()),
     };
+    let mut cmdline = SANDBOX_CMDLINE.to_string();
+    if let Some(ip) = args.net.as_ref().and_then(|n| n.ip.as_ref()) {
+        cmdline.push_str(" ligera.ip=");
+        cmdline.push_str(ip);
+    }
     let config = VmConfig {
-        cmdline: SANDBOX_CMDLINE.into(),
+        cmdline,
+        nets: args.net.iter().map(|n| n.nic.clone()).collect(),
         vcpus: args.cpus,
         mem_size: args.memory,
         serial: SerialConfig::File(run_dir.join("console.log")),

@@ -215,6 +215,9 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
         a.extend(["--seccomp".into(), "off".into()]);
     }
     a.extend(vm.jail.to_args());
+    if let Some(n) = &vm.net {
+        a.extend(["--net".into(), n.text.clone()]);
+    }
     if let Some(i) = &vm.image {
         a.extend(["--image".into(), crate::image::absolute(i)]);
     }

@@ -1,0 +1,355 @@
+//! The net suite's plumbing. The bench makes two network namespaces of its
+//! own: the host side, where the clients run, and the container's. The
+//! host side holds loopback (the process's server listens there too), a
+//! veth pair whose other end is the container's `eth0`, and the tap of the
+//! VM's sandbox (the sandbox is started in it). Both go when the bench
+//! ends, and a SIGKILLed bench's are removed by the next one.
+//!
+//! In each runtime the workload runs iperf3's server and socat as an echo
+//! server; from the host side iperf3's client (the image's, chrooted)
+//! measures throughput and the bench's own client the request/response
+//! round trip over TCP.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+use super::runtime::{Kind, READY, container_prefix};
+
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 5202;
+const CONTAINER_HOST: Ipv4Addr = Ipv4Addr::new(10, 213, 1, 1);
+const CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 213, 1, 2);
+const VM_HOST: Ipv4Addr = Ipv4Addr::new(10, 213, 2, 1);
+const VM: Ipv4Addr = Ipv4Addr::new(10, 213, 2, 2);
+/// How long a server may take to answer after the workload said it is up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Round trips per measurement at most (else --duration ends it).
+const MAX_ROUND_TRIPS: usize = 100_000;
+
+/// The namespaces and links of one bench.
+pub struct Net {
+    host: String,
+    container: String,
+    tap: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The namespace names of bench `pid`.
+fn names(pid: u32) -> (String, String) {
+    let prefix = container_prefix(pid);
+    (format!("{prefix}host"), format!("{prefix}ctr"))
+}
+
+impl Net {
+    /// Makes the namespaces and links for this bench (root only).
+    pub fn create() -> Result<Net, String> {
+        let pid = std::process::id();
+        let (host, container) = names(pid);
+        let net = Net {
+            host,
+            container,
+            tap: format!("lbt{pid}"),
+        };
+        let veth = format!("lbv{pid}");
+        let (h, c) = (net.host.as_str(), net.container.as_str());
+        let cidr = |a: Ipv4Addr| format!("{a}/24");
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), h.into()],
+            vec!["netns".into(), "add".into(), c.into()],
+            vec![
+                "-n".into(),
+                h.into(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                c.into(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "link".into(),
+                "add".into(),
+                veth.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                "eth0".into(),
+                "netns".into(),
+                c.into(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "addr".into(),
+                "add".into(),
+                cidr(CONTAINER_HOST),
+                "dev".into(),
+                veth.clone(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "link".into(),
+                "set".into(),
+                veth.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                c.into(),
+                "addr".into(),
+                "add".into(),
+                cidr(CONTAINER),
+                "dev".into(),
+                "eth0".into(),
+            ],
+            vec![
+                "-n".into(),
+                c.into(),
+                "link".into(),
+                "set".into(),
+                "eth0".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "tuntap".into(),
+                "add".into(),
+                "dev".into(),
+                net.tap.clone(),
+                "mode".into(),
+                "tap".into(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "addr".into(),
+                "add".into(),
+                cidr(VM_HOST),
+                "dev".into(),
+                net.tap.clone(),
+            ],
+            vec![
+                "-n".into(),
+                h.into(),
+                "link".into(),
+                "set".into(),
+                net.tap.clone(),
+                "up".into(),
+            ],
+        ];
+        for step in steps {
+            let step: Vec<&str> = step.iter().map(String::as_str).collect();
+            if let Err(e) = ip(&step) {
+                remove(pid);
+                return Err(e);
+            }
+        }
+        Ok(net)
+    }
+
+    /// The host-side namespace, to enter.
+    pub fn host_side(&self) -> Result<OwnedFd, BenchError> {
+        let path = Path::new("/run/netns").join(&self.host);
+        File::open(&path)
+            .map(OwnedFd::from)
+            .map_err(|e| BenchError::Setup(format!("cannot open {}: {e}", path.display())))
+    }
+
+    /// The container's namespace, for its bundle.
+    pub fn container_side(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.container)
+    }
+
+    /// `--net` of the VM's sandbox.
+    pub fn vm_flag(&self) -> String {
+        format!("tap={},ip={VM}/24,gw={VM_HOST}", self.tap)
+    }
+
+    /// Where the host side reaches `kind`'s servers.
+    pub fn address(kind: Kind) -> Ipv4Addr {
+        match kind {
+            Kind::Process => Ipv4Addr::LOCALHOST,
+            Kind::Runc => CONTAINER,
+            Kind::Vm => VM,
+        }
+    }
+}
+
+/// Removes the namespaces of bench `pid` (and with them its veth and tap).
+pub fn remove(pid: u32) {
+    let (host, container) = names(pid);
+    for ns in [host, container] {
+        if Path::new("/run/netns").join(&ns).exists() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+}
+
+/// The workload: iperf3's server for one test and socat echoing one
+/// connection, both ended when the bench closes the workload's stdin.
+pub fn server_script() -> String {
+    format!(
+        "iperf3 -s -1 -p {IPERF_PORT} >/dev/null 2>&1 & a=$!; \
+         socat TCP-LISTEN:{ECHO_PORT},reuseaddr,nodelay PIPE & b=$!; \
+         echo {READY}; read x || :; kill $a $b 2>/dev/null; exit 0"
+    )
+}
+
+/// `cmd` starts in the network namespace `ns`.
+pub fn enter(cmd: &mut Command, ns: OwnedFd) {
+    // SAFETY: setns is async-signal-safe; `ns` moves into the closure and
+    // stays open until the child execs.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `cmd` starts chrooted into `root`, in namespace `ns` if given.
+pub fn confine(cmd: &mut Command, root: &Path, ns: Option<OwnedFd>) -> Result<(), BenchError> {
+    if let Some(ns) = ns {
+        enter(cmd, ns);
+    }
+    let root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| BenchError::Setup("the root path has a NUL byte".into()))?;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Throughput (Gbit/s, iperf3's) and the median request/response round
+/// trip (µs) from the host side to `addr`, each for `duration`.
+pub fn measure(
+    net: &Net,
+    root: &Path,
+    addr: Ipv4Addr,
+    duration: Duration,
+) -> Result<(f64, f64), String> {
+    let ns = net.host_side().map_err(|e| e.to_string())?;
+    let rtt = std::thread::scope(|s| {
+        s.spawn(|| round_trips(&ns, addr, duration))
+            .join()
+            .unwrap_or_else(|_| Err("the round-trip client panicked".into()))
+    })?;
+    let gbits = iperf3(net, root, addr, duration)?;
+    Ok((gbits, rtt))
+}
+
+/// On this thread: enters `ns`, connects to the echo server and times
+/// one-byte round trips.
+fn round_trips(ns: &OwnedFd, addr: Ipv4Addr, duration: Duration) -> Result<f64, String> {
+    // SAFETY: setns on this thread only (a scoped thread of our own).
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!(
+            "cannot enter the host-side namespace: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let target = SocketAddr::from((addr, ECHO_PORT));
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("the echo server at {target} did not answer: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let io = |e: std::io::Error| format!("echo at {target}: {e}");
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    while started.elapsed() < duration && times.len() < MAX_ROUND_TRIPS {
+        let t = Instant::now();
+        stream.write_all(b"x").map_err(io)?;
+        stream.read_exact(&mut byte).map_err(io)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    super::median(&times).ok_or_else(|| "no round trip".into())
+}
+
+/// iperf3's client from the image, chrooted, in the host-side namespace;
+/// tried again while the server is not up yet.
+fn iperf3(net: &Net, root: &Path, addr: Ipv4Addr, duration: Duration) -> Result<f64, String> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-c", &addr.to_string(), "-p", &IPERF_PORT.to_string()])
+            .args(["-t", &duration.as_secs().max(1).to_string(), "-J"])
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let ns = net.host_side().map_err(|e| e.to_string())?;
+        confine(&mut cmd, root, Some(ns)).map_err(|e| e.to_string())?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run iperf3: {e}"))?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("iperf3's output is not JSON: {e}"))?;
+        if let Some(bits) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return Ok(bits / 1e9);
+        }
+        let error = report["error"].as_str().unwrap_or("no result").to_string();
+        if Instant::now() > deadline || !error.contains("connect") {
+            return Err(format!("iperf3 to {addr}: {error}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
