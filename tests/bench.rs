@@ -320,18 +320,19 @@ fn bad_arguments_and_images_are_clear_errors() {
     assert_nothing_left();
 }
 
-/// A bench that runs containers for minutes, 1.5 s into its run: a signal
-/// now lands in the middle of a container's start or run.
+/// A bench that runs containers for minutes, 2 s into its run: a signal
+/// now lands in the middle of a container's start or run, with the net
+/// suite's namespaces, veth and tap made.
 fn busy_bench() -> std::process::Child {
     let child = Command::new(LIGERA)
-        .args(["bench", "--suite", "startup", "--runtime", "runc"])
-        .args(["--runs", "1000"])
+        .args(["bench", "--suite", "startup,net", "--runtime", "runc"])
+        .args(["--runs", "1000", "--duration", "1s"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2000));
     child
 }
 
@@ -363,6 +364,8 @@ fn ctrl_c_stops_the_run_in_flight_and_leaves_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(Path::new(&format!("/run/ligera/bench/{}", child.id())).exists());
+    let host_side = format!("/run/netns/ligera-bench-{}-host", child.id());
+    assert!(Path::new(&host_side).exists());
     let out = bench(&["--suite", "startup", "--runtime", "process", "--runs", "1"]);
     assert_eq!(out.status.code(), Some(0));
     assert_nothing_left();

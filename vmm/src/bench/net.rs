@@ -74,104 +74,24 @@ impl Net {
         };
         let veth = format!("lbv{pid}");
         let (h, c) = (net.host.as_str(), net.container.as_str());
-        let cidr = |a: Ipv4Addr| format!("{a}/24");
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), h.into()],
-            vec!["netns".into(), "add".into(), c.into()],
-            vec![
-                "-n".into(),
-                h.into(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                c.into(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "link".into(),
-                "add".into(),
-                veth.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                "eth0".into(),
-                "netns".into(),
-                c.into(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "addr".into(),
-                "add".into(),
-                cidr(CONTAINER_HOST),
-                "dev".into(),
-                veth.clone(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "link".into(),
-                "set".into(),
-                veth.clone(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                c.into(),
-                "addr".into(),
-                "add".into(),
-                cidr(CONTAINER),
-                "dev".into(),
-                "eth0".into(),
-            ],
-            vec![
-                "-n".into(),
-                c.into(),
-                "link".into(),
-                "set".into(),
-                "eth0".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "tuntap".into(),
-                "add".into(),
-                "dev".into(),
-                net.tap.clone(),
-                "mode".into(),
-                "tap".into(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "addr".into(),
-                "add".into(),
-                cidr(VM_HOST),
-                "dev".into(),
-                net.tap.clone(),
-            ],
-            vec![
-                "-n".into(),
-                h.into(),
-                "link".into(),
-                "set".into(),
-                net.tap.clone(),
-                "up".into(),
-            ],
+        let tap = net.tap.as_str();
+        let steps = [
+            format!("netns add {h}"),
+            format!("netns add {c}"),
+            format!("-n {h} link set lo up"),
+            format!("-n {c} link set lo up"),
+            format!("-n {h} link add {veth} type veth peer name eth0 netns {c}"),
+            format!("-n {h} addr add {CONTAINER_HOST}/24 dev {veth}"),
+            format!("-n {h} link set {veth} up"),
+            format!("-n {c} addr add {CONTAINER}/24 dev eth0"),
+            format!("-n {c} link set eth0 up"),
+            format!("-n {h} tuntap add dev {tap} mode tap"),
+            format!("-n {h} addr add {VM_HOST}/24 dev {tap}"),
+            format!("-n {h} link set {tap} up"),
         ];
-        for step in steps {
-            let step: Vec<&str> = step.iter().map(String::as_str).collect();
+        for step in &steps {
+            // Names and addresses hold no spaces.
+            let step: Vec<&str> = step.split_whitespace().collect();
             if let Err(e) = ip(&step) {
                 remove(pid);
                 return Err(e);
