@@ -18,7 +18,7 @@ PACKAGES=(
     e2fsprogs                               # ext4 images (Linux block test, sandbox images)
     docker-registry skopeo apache2-utils    # image tests: a local registry, pushes, htpasswd
     runc                                    # the sandbox benchmark's container peer
-    mmdebstrap                              # ligera bench's image (sysbench, fio, iperf3)
+    mmdebstrap                              # ligera bench's image (sysbench, fio, iperf3, socat)
 )
 
 missing=()

@@ -562,10 +562,14 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 failed[k] = why;
             }
         }
-        let total = (warmup + args.runs) as usize * kinds.len();
+        let rounds = warmup + args.runs;
+        let total = rounds as usize * kinds.len();
         let mut done = 0usize;
-        let started = Instant::now();
-        for round in 0..(warmup + args.runs) {
+        // Time spent and runs made per runtime, for the time left: a VM's
+        // run may take minutes where a process's takes milliseconds.
+        let mut spent = vec![Duration::ZERO; kinds.len()];
+        let mut made = vec![0u32; kinds.len()];
+        for round in 0..rounds {
             // A B C, then B C A, ...: nobody always goes first.
             for i in 0..kinds.len() {
                 let k = (i + round as usize) % kinds.len();
@@ -577,9 +581,17 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     continue;
                 };
                 let measured = round >= warmup;
-                progress(
-                    suite, rt.kind, round, warmup, args.runs, done, total, started,
-                );
+                let left =
+                    (0..kinds.len())
+                        .filter(|&j| failed[j].is_none())
+                        .try_fold(0.0, |acc, j| {
+                            (made[j] > 0).then(|| {
+                                acc + spent[j].as_secs_f64() / f64::from(made[j])
+                                    * f64::from(rounds - made[j])
+                            })
+                        });
+                progress(suite, rt.kind, round, warmup, args.runs, done, total, left);
+                let run_started = Instant::now();
                 let job = runtime::Job {
                     script: &script,
                     in_sandbox: suite.in_sandbox(),
@@ -603,6 +615,8 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 let during: Option<&dyn Fn() -> Result<(f64, f64), String>> =
                     (suite == Suite::Net).then_some(&measure);
                 let runs = runtime::finish(group, suite.hold(), during)?;
+                spent[k] += run_started.elapsed();
+                made[k] += 1;
                 if let Some(bad) = runs.iter().find(|r| r.status != 0) {
                     failed[k] = Some(failure(bad));
                     continue;
@@ -729,22 +743,14 @@ fn progress(
     runs: u32,
     done: usize,
     total: usize,
-    started: Instant,
+    left: Option<f64>,
 ) {
     let what = if round < warmup {
         "warm-up".to_string()
     } else {
         format!("run {}/{runs}", round - warmup + 1)
     };
-    let per_run = started.elapsed().as_secs_f64() / (done.max(2) - 1) as f64;
-    let eta = if done > 1 {
-        format!(
-            ", ~{:.0} s left in this suite",
-            per_run * (total - done + 1) as f64
-        )
-    } else {
-        String::new()
-    };
+    let eta = left.map_or_else(String::new, |s| format!(", ~{s:.0} s left in this suite"));
     eprintln!(
         "ligera: bench: {}: {} {what} ({done}/{total}{eta})",
         suite.name(),
