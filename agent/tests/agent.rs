@@ -53,6 +53,18 @@ fn exec(a: &Agent, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus
 }
 
 fn exec_req(a: &Agent, req: &ExecRequest, stdin: &[u8]) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+    exec_when(a, req, None, stdin)
+}
+
+/// As [`exec_req`], but with `stdin` sent (and closed) only once stdout
+/// holds `marker`, if given: input that must reach a command after it set
+/// its terminal up.
+fn exec_when(
+    a: &Agent,
+    req: &ExecRequest,
+    marker: Option<&str>,
+    stdin: &[u8],
+) -> (Vec<u8>, Vec<u8>, ExitStatus) {
     let mut s = UnixStream::connect(&a.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write_json(&mut s, Kind::Hello, &Hello { version: VERSION }).unwrap();
@@ -64,13 +76,23 @@ fn exec_req(a: &Agent, req: &ExecRequest, stdin: &[u8]) -> (Vec<u8>, Vec<u8>, Ex
         .unwrap();
     assert_eq!(hello.version, VERSION);
     write_json(&mut s, Kind::Exec, req).unwrap();
-    for chunk in stdin.chunks(60_000) {
-        write_frame(&mut s, Kind::Stdin, chunk).unwrap();
+    let send = |s: &mut UnixStream| {
+        for chunk in stdin.chunks(60_000) {
+            write_frame(s, Kind::Stdin, chunk).unwrap();
+        }
+        write_frame(s, Kind::StdinEof, &[]).unwrap();
+    };
+    let mut sent = marker.is_none();
+    if sent {
+        send(&mut s);
     }
-    write_frame(&mut s, Kind::StdinEof, &[]).unwrap();
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let mut granted = u64::from(INITIAL_CREDIT);
     loop {
+        if !sent && marker.is_some_and(|m| String::from_utf8_lossy(&out).contains(m)) {
+            send(&mut s);
+            sent = true;
+        }
         let f = read_frame(&mut s).unwrap();
         match f.kind {
             Kind::Stdout | Kind::Stderr => {
@@ -167,12 +189,13 @@ fn terminals_and_user_names() {
         out.contains("/dev/pts/") && out.contains("33 77") && out.contains("all-tty"),
         "{out}"
     );
-    // Ctrl-C typed on the terminal reaches the command as SIGINT.
+    // Ctrl-C typed on the terminal reaches the command as SIGINT (typed
+    // once the command turned signals on: before, it is a plain byte).
     let ctrl_c = ExecRequest {
         tty: true,
-        ..req(&["sh", "-c", "stty isig; sleep 0.3; read x; echo never"])
+        ..req(&["sh", "-c", "stty isig; echo ready; read x; echo never"])
     };
-    let (_, _, st) = exec_req(&a, &ctrl_c, b"\x03");
+    let (_, _, st) = exec_when(&a, &ctrl_c, Some("ready"), b"\x03");
     assert_eq!(st.host_code(), 130, "{st:?}");
     // A user by name, from the root's /etc/passwd.
     let nobody = ExecRequest {
