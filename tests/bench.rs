@@ -325,7 +325,13 @@ fn bad_arguments_and_images_are_clear_errors() {
 /// suite's namespaces, veth and tap made.
 fn busy_bench() -> std::process::Child {
     let child = Command::new(LIGERA)
-        .args(["bench", "--suite", "startup,net", "--runtime", "runc"])
+        .args([
+            "bench",
+            "--suite",
+            "startup,net",
+            "--runtime",
+            "runc,process",
+        ])
         .args(["--runs", "1000", "--duration", "1s"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -188,6 +188,16 @@ fn bad_network_flags_are_status_2_before_any_vm() {
         ("tap=t0,ip=10.0.0.2", "want ip=ADDR/PREFIX"),
         ("ip=10.0.0.2/24", "'tap=' is required"),
         ("tap=t0,dns=1.1.1.1", "unknown key 'dns'"),
+        (
+            "tap=t0,ip=10.0.0.2/24 rdinit=/bin/sh",
+            "want ip=ADDR/PREFIX",
+        ),
+        (
+            "tap=t0,ip=10.0.0.2/24,gw=10.0.1.1",
+            "not another address in 10.0.0.2/24",
+        ),
+        ("tap=t0,ip=10.0.0.2/32,gw=10.0.0.1", "not another address"),
+        ("tap=t0,ip=10.0.0.2/24,gw=10.0.0.2", "not another address"),
     ] {
         let (code, _, err) = ligera(&["sandbox", "run", "--net", flag, "--", "true"]);
         assert_eq!(code, 2, "{flag}: {err}");

@@ -622,7 +622,16 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     continue;
                 }
                 for (c, case) in cases.iter().enumerate() {
-                    match (case.read)(&runs) {
+                    // The figures come from what the workload printed (a
+                    // guest's output is untrusted): finite and not negative.
+                    let read = (case.read)(&runs).and_then(|v| {
+                        if v.is_finite() && v >= 0.0 {
+                            Ok(v)
+                        } else {
+                            Err(format!("{} is not a {} figure", v, case.unit))
+                        }
+                    });
+                    match read {
                         Ok(v) if measured => figures[c][k].push(v),
                         Ok(_) => {}
                         Err(why) => failed[k] = Some(why),

@@ -4,6 +4,7 @@
 //! process, timed from spawn to its first byte of output and to its exit.
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -210,8 +211,31 @@ impl Runtime {
                     (Some(net), true) => Some(net.host_side()?),
                     _ => None,
                 };
+                let id = format!("{}{}", container_prefix(std::process::id()), self.runs);
+                let cgroup = process_cgroup(&id).map(|(dir, procs)| {
+                    // SAFETY: write(2) is async-signal-safe; "0" moves the
+                    // writer, the child, into the cgroup.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            if libc::write(procs.as_raw_fd(), c"0".as_ptr().cast(), 1) != 1 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    dir
+                });
                 super::net::confine(&mut cmd, &root, netns)?;
-                spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None)
+                let mut started = spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None);
+                match &mut started {
+                    Ok(s) => s.cgroup = cgroup,
+                    Err(_) => {
+                        if let Some(dir) = cgroup {
+                            remove_cgroup(&dir);
+                        }
+                    }
+                }
+                started
             }
             Kind::Runc => {
                 let id = format!("{}{}", container_prefix(std::process::id()), self.runs);
@@ -237,7 +261,10 @@ impl Runtime {
                 let probe = match self.sandbox.as_ref().filter(|_| job.in_sandbox) {
                     Some(name) => {
                         cmd.args(["sandbox", "exec", name.as_str()]);
-                        Probe::Tree(sandbox_pid(name))
+                        match sandbox_pid(name) {
+                            Some(pid) => Probe::Tree(Some(pid)),
+                            None => Probe::Unknown,
+                        }
                     }
                     None => {
                         cmd.args(["sandbox", "run"]);
@@ -276,6 +303,8 @@ enum Probe {
     /// The PSS of this process (None: the run's own) and its descendants:
     /// a VM's touched guest RAM is in its VMM's PSS.
     Tree(Option<i32>),
+    /// Nothing to measure (the sandbox's process is not known).
+    Unknown,
     /// The memory the container's cgroup is charged, plus the PSS of the
     /// run's processes outside it (`runc run`, which stays the container's
     /// parent).
@@ -294,6 +323,8 @@ pub struct Started {
     stderr: JoinHandle<Vec<u8>>,
     probe: Probe,
     container: Option<Container>,
+    /// A bare process's own cgroup, removed after the run.
+    cgroup: Option<PathBuf>,
 }
 
 /// This ligera, to run as a command.
@@ -453,6 +484,7 @@ fn spawn(
         stderr,
         probe,
         container,
+        cgroup: None,
     })
 }
 
@@ -477,6 +509,7 @@ pub fn finish(
         for (m, s) in memory.iter_mut().zip(&started) {
             *m = match &s.probe {
                 Probe::Tree(pid) => tree_pss(pid.unwrap_or(s.child.id() as i32), &[]),
+                Probe::Unknown => None,
                 Probe::Cgroup(id) => cgroup_memory(id).map(|(charged, inside)| {
                     charged + tree_pss(s.child.id() as i32, &inside).unwrap_or(0)
                 }),
@@ -495,6 +528,7 @@ pub fn finish(
             stdout,
             stderr,
             container,
+            cgroup,
             ..
         } = s;
         let (out, first_output, ready) = stdout.join().unwrap_or_default();
@@ -519,6 +553,9 @@ pub fn finish(
                 continue;
             }
         };
+        if let Some(dir) = cgroup {
+            remove_cgroup(&dir);
+        }
         if let Some(c) = container {
             // `runc run` removes the container when it ends; after a
             // failure make sure.
@@ -730,18 +767,50 @@ pub fn remove_cgroups(prefix: &str) {
             if !e.file_name().to_string_lossy().starts_with(prefix) {
                 continue;
             }
-            let dir = e.path();
-            for _ in 0..100 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    // SAFETY: kill(2); the pid is in the bench's own cgroup.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            remove_cgroup(&e.path());
+        }
+    }
+}
+
+/// Kills what is in the bench's cgroup `dir` and removes it.
+fn remove_cgroup(dir: &Path) {
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            break;
+        }
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2); the pid is in the bench's own cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A cgroup of the bench's own (no limits) for a bare process run and
+/// whatever it starts, so that nothing it leaves behind outlives the
+/// bench, even a SIGKILLed one (the next bench's [`remove_stale`] empties
+/// it). Returns the directory and its `cgroup.procs`, open to join.
+fn process_cgroup(name: &str) -> Option<(PathBuf, std::fs::File)> {
+    let top = Path::new("/sys/fs/cgroup");
+    let root = if top.join("cgroup.controllers").exists() {
+        top.to_path_buf()
+    } else {
+        ["pids", "memory", "cpu"]
+            .iter()
+            .map(|c| top.join(c))
+            .find(|p| p.join("cgroup.procs").exists())?
+    };
+    let dir = root.join(name);
+    std::fs::create_dir(&dir).ok()?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+    {
+        Ok(f) => Some((dir, f)),
+        Err(_) => {
+            let _ = std::fs::remove_dir(&dir);
+            None
         }
     }
 }

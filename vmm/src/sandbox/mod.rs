@@ -138,17 +138,35 @@ fn parse_sandbox_net(text: &str) -> Result<SandboxNet, String> {
         (None, None) => None,
         (None, Some(_)) => return Err("'gw=' needs 'ip='".into()),
         (Some(ip), gw) => {
+            let bad = || {
+                let gw = gw.map_or(String::new(), |g| format!(",gw={g}"));
+                format!("ip={ip}{gw}: want ip=ADDR/PREFIX and gw=ADDR, IPv4")
+            };
             let value = match gw {
                 Some(gw) => format!("{ip},{gw}"),
                 None => ip.to_string(),
             };
-            agent::net::parse_cmdline(&format!("ligera.ip={value}")).map_err(|_| {
-                format!(
-                    "ip={ip}{}: want ip=ADDR/PREFIX and gw=ADDR, IPv4",
-                    gw.map_or(String::new(), |g| format!(",gw={g}"))
-                )
-            })?;
-            Some(value)
+            if value.contains(char::is_whitespace) {
+                return Err(bad());
+            }
+            let c = agent::net::parse_cmdline(&format!("ligera.ip={value}"))
+                .map_err(|_| bad())?
+                .ok_or_else(bad)?;
+            let mask = u32::MAX.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
+            if let Some(gw) = c.gateway
+                && (u32::from(gw) & mask != u32::from(c.address) & mask || gw == c.address)
+            {
+                return Err(format!(
+                    "gw={gw} is not another address in {}/{}",
+                    c.address, c.prefix
+                ));
+            }
+            // Written back from the parsed values: nothing else reaches
+            // the guest's command line.
+            Some(match c.gateway {
+                Some(gw) => format!("{}/{},{gw}", c.address, c.prefix),
+                None => format!("{}/{}", c.address, c.prefix),
+            })
         }
     };
     Ok(SandboxNet {
