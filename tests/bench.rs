@@ -306,6 +306,86 @@ fn the_bench_image_suites_in_a_container_and_a_process() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A copy of the busybox image whose `sysbench` is the shell script
+/// `script`: a workload that misbehaves as a hostile image or guest may.
+fn image_with_sysbench(name: &str, script: &str) -> std::path::PathBuf {
+    let busybox = resources_output("build-sandbox-rootfs.sh", &[]);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(busybox.canonicalize().unwrap())
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tool = dir.join("usr/bin/sysbench");
+    std::fs::create_dir_all(tool.parent().unwrap()).unwrap();
+    std::fs::write(&tool, format!("#!/bin/sh\n{script}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A workload that never ends is ended at --run-timeout, and one that
+/// prints a figure that is no number (inf) is no figure: both skipped with
+/// the reason, the bench carries on and leaves nothing.
+#[test]
+fn hanging_and_lying_workloads_are_skipped_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: needs root (chroot)");
+        return;
+    }
+    let _one = one_at_a_time();
+    for (name, script, suite, why) in [
+        ("hang", "sleep 100000", "cpu", "did not finish within 2 s"),
+        (
+            "hang-hold",
+            "sleep 100000",
+            "memory",
+            "did not finish within 2 s",
+        ),
+        (
+            "inf",
+            "echo '    events per second: inf'",
+            "cpu",
+            "inf is not a events/s figure",
+        ),
+    ] {
+        let image = image_with_sysbench(name, script);
+        let json = image.with_extension("json");
+        let started = Instant::now();
+        let (_, _, report) = bench_report(
+            &[
+                "--image",
+                image.to_str().unwrap(),
+                "--suite",
+                &format!("{suite},startup"),
+                "--runtime",
+                "process",
+                "--runs",
+                "1",
+                "--run-timeout",
+                "2s",
+            ],
+            &json,
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "{name}");
+        let case = if suite == "cpu" {
+            "events"
+        } else {
+            "bandwidth"
+        };
+        let f = figure(&report, suite, case, "process");
+        assert_eq!(f["skipped"], why, "{name}: {f}");
+        // The suite after it ran.
+        assert!(median(&report, "startup", "exit", "process") > 0.0);
+        assert_nothing_left();
+        let _ = std::fs::remove_dir_all(&image);
+        let _ = std::fs::remove_file(&json);
+    }
+}
+
 #[test]
 fn bad_arguments_and_images_are_clear_errors() {
     let _one = one_at_a_time();

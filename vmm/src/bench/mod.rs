@@ -98,6 +98,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
 
+    /// End a run that takes longer than this (its runtime is then skipped
+    /// with the reason); default: 10 minutes, plus 2 per density instance,
+    /// plus 10 times --duration.
+    #[arg(long, value_name = "DURATION", value_parser = crate::sandbox::parse_duration)]
+    pub run_timeout: Option<Duration>,
+
     /// Instances the density suite starts at once.
     #[arg(long, value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -526,8 +532,19 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         scratch,
     };
     let nested = crate::host::is_emulating_nested_host();
+    let mut warnings = Vec::new();
     if nested {
-        eprintln!("ligera: bench: warning: {NESTED_WARNING}");
+        warnings.push(NESTED_WARNING.to_string());
+    }
+    if suites.contains(&Suite::Disk) && on_tmpfs(&setup.scratch) {
+        warnings.push(format!(
+            "the disk suite's files are on tmpfs ({}): its figures are the speed of \
+             memory, not of a disk",
+            setup.scratch.display()
+        ));
+    }
+    for w in &warnings {
+        eprintln!("ligera: bench: warning: {w}");
     }
 
     let mut runtimes: Vec<Result<Runtime, String>> =
@@ -614,10 +631,11 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 };
                 let during: Option<&dyn Fn() -> Result<(f64, f64), String>> =
                     (suite == Suite::Net).then_some(&measure);
-                let runs = runtime::finish(group, suite.hold(), during)?;
+                let runs =
+                    runtime::finish(group, suite.hold(), during, run_limit(args, instances))?;
                 spent[k] += run_started.elapsed();
                 made[k] += 1;
-                if let Some(bad) = runs.iter().find(|r| r.status != 0) {
+                if let Some(bad) = runs.iter().find(|r| r.status != 0 || r.timed_out.is_some()) {
                     failed[k] = Some(failure(bad));
                     continue;
                 }
@@ -708,7 +726,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             memory_mib: args.memory >> 20,
             density: args.density,
         },
-        warning: nested.then(|| NESTED_WARNING.to_string()),
+        warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         results,
     };
     print!("{}", table(&report));
@@ -731,8 +749,19 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Setup(format!("cannot write {}: {e}", path.display())))
 }
 
+/// How long one run may take: a VM's boot takes minutes where guest code
+/// is emulated, and the density suite boots --density VMs at once.
+fn run_limit(args: &BenchArgs, instances: u32) -> Duration {
+    args.run_timeout.unwrap_or_else(|| {
+        Duration::from_secs(600) + Duration::from_secs(120) * instances + args.duration * 10
+    })
+}
+
 /// Why a run failed, from its status and the last line it wrote.
 fn failure(run: &Run) -> String {
+    if let Some(limit) = run.timed_out {
+        return format!("did not finish within {} s", limit.as_secs());
+    }
     let text = String::from_utf8_lossy(&run.stderr);
     let last = text
         .lines()
@@ -864,6 +893,19 @@ fn bind(from: &Path, to: &Path) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Whether `path` is on a tmpfs (where the runtime directory, and so the
+/// disk suite's files and the VMs' disks, are on most hosts).
+fn on_tmpfs(path: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct we own, given a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == TMPFS_MAGIC
+}
+
 /// The bench image `resources/build-bench-image.sh` keeps in the cache.
 fn bench_image() -> Option<PathBuf> {
     let dir = crate::image::cache_dir().ok()?.join("bench-image");
@@ -962,22 +1004,7 @@ mod signals {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone()
             };
-            let alive = |g: i32| {
-                // SAFETY: signal 0 only checks that the group exists.
-                unsafe { libc::kill(-g, 0) == 0 }
-            };
-            for &g in &groups {
-                // SAFETY: kill(2) on a run's own process group.
-                unsafe { libc::kill(-g, libc::SIGTERM) };
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while groups.iter().any(|&g| alive(g)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            for &g in &groups {
-                // SAFETY: as above.
-                unsafe { libc::kill(-g, libc::SIGKILL) };
-            }
+            super::runtime::stop_groups(&groups);
             super::remove_scratch(&scratch);
             if let Some(base) = scratch.parent() {
                 let _ = std::fs::remove_dir(base);

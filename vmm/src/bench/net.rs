@@ -237,6 +237,45 @@ fn round_trips(ns: &OwnedFd, addr: Ipv4Addr, duration: Duration) -> Result<f64, 
     super::median(&times).ok_or_else(|| "no round trip".into())
 }
 
+/// The stdout (at most 1 MiB) of `cmd`, which is killed if it runs
+/// longer than `limit` (a server that accepts and then says nothing would
+/// hold iperf3's client forever).
+fn output_within(mut cmd: Command, limit: Duration) -> Result<Vec<u8>, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut stdout = stdout;
+        let _ = (&mut stdout).take(1 << 20).read_to_end(&mut out);
+        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        out
+    });
+    let deadline = Instant::now() + limit;
+    let killed = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break false,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break true;
+            }
+        }
+    };
+    let out = reader.join().unwrap_or_default();
+    if killed {
+        return Err(format!(
+            "{:?} did not finish within {} s",
+            cmd.get_program(),
+            limit.as_secs()
+        ));
+    }
+    Ok(out)
+}
+
 /// iperf3's client from the image, chrooted, in the host-side namespace;
 /// tried again while the server is not up yet.
 fn iperf3(net: &Net, root: &Path, addr: Ipv4Addr, duration: Duration) -> Result<f64, String> {
@@ -258,10 +297,8 @@ fn iperf3(net: &Net, root: &Path, addr: Ipv4Addr, duration: Duration) -> Result<
         }
         let ns = net.host_side().map_err(|e| e.to_string())?;
         confine(&mut cmd, root, Some(ns)).map_err(|e| e.to_string())?;
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run iperf3: {e}"))?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        let stdout = output_within(cmd, duration + CONNECT_TIMEOUT)?;
+        let report: serde_json::Value = serde_json::from_slice(&stdout)
             .map_err(|e| format!("iperf3's output is not JSON: {e}"))?;
         if let Some(bits) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
             return Ok(bits / 1e9);

@@ -25,15 +25,16 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), BenchError> {
     let rows = panels.div_ceil(cols);
     let root = SVGBackend::new(path, (PANEL.0 * cols, PANEL.1 * rows + 40)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let title = match &report.warning {
-        Some(_) => format!(
+    let title = if report.host.nested_emulation {
+        format!(
             "ligera bench: {} ({} runs; nested KVM: VM figures not representative)",
             report.settings.image, report.settings.runs
-        ),
-        None => format!(
+        )
+    } else {
+        format!(
             "ligera bench: {} ({} runs)",
             report.settings.image, report.settings.runs
-        ),
+        )
     };
     let (top, body) = root.split_vertically(40);
     top.titled(&title, ("sans-serif", 18))

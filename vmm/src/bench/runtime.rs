@@ -38,6 +38,8 @@ pub struct Run {
     pub net: Option<Result<(f64, f64), String>>,
     /// Spawn to exit.
     pub exit: Duration,
+    /// Ended by the bench after this long.
+    pub timed_out: Option<Duration>,
     pub status: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -449,20 +451,22 @@ fn spawn(
         let mut ready = None;
         let mut buf = [0u8; 8192];
         let marker = format!("{READY}\n");
+        // The last bytes read, so that a marker split across reads (or
+        // after the output kept) is still seen.
+        let mut window: Vec<u8> = Vec::new();
         loop {
             match stdout.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     first_output.get_or_insert_with(|| start.elapsed());
-                    let from = out.len().saturating_sub(marker.len());
                     if out.len() < OUTPUT_LIMIT {
                         out.extend_from_slice(&buf[..n.min(OUTPUT_LIMIT - out.len())]);
                     }
-                    if ready.is_none()
-                        && out[from..]
-                            .windows(marker.len())
-                            .any(|w| w == marker.as_bytes())
-                    {
+                    window.extend_from_slice(&buf[..n]);
+                    let seen = window.windows(marker.len()).any(|w| w == marker.as_bytes());
+                    let keep = window.len().saturating_sub(marker.len() - 1);
+                    window.drain(..keep);
+                    if ready.is_none() && seen {
                         ready = Some(start.elapsed());
                         if let Some(tx) = ready_tx.take() {
                             let _ = tx.send(());
@@ -495,7 +499,19 @@ pub fn finish(
     mut started: Vec<Started>,
     hold: bool,
     during: Option<&dyn Fn() -> Result<(f64, f64), String>>,
+    limit: Duration,
 ) -> Result<Vec<Run>, BenchError> {
+    // A workload that neither ends nor says it is up (a hostile image or
+    // guest can do that) is ended at `limit`: the bench never hangs.
+    let groups: Vec<i32> = started.iter().map(|s| s.child.id() as i32).collect();
+    let (done, watch) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(limit) != Err(mpsc::RecvTimeoutError::Timeout) {
+            return false;
+        }
+        stop_groups(&groups);
+        true
+    });
     let mut memory = vec![None; started.len()];
     let mut net = None;
     if hold {
@@ -565,6 +581,7 @@ pub fn finish(
             let _ = std::fs::remove_dir_all(&c.bundle);
         }
         runs.push(Run {
+            timed_out: None,
             net: net.take(),
             start,
             first_output,
@@ -576,9 +593,36 @@ pub fn finish(
             stderr,
         });
     }
+    drop(done);
+    if watchdog.join().unwrap_or(false) {
+        for r in &mut runs {
+            r.timed_out = Some(limit);
+        }
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(runs),
+    }
+}
+
+/// SIGTERM to the process groups `groups`, SIGKILL to what is left of them
+/// after 10 s.
+pub fn stop_groups(groups: &[i32]) {
+    let alive = |g: i32| {
+        // SAFETY: signal 0 only checks that the group exists.
+        unsafe { libc::kill(-g, 0) == 0 }
+    };
+    for &g in groups {
+        // SAFETY: kill(2) on a run's own process group.
+        unsafe { libc::kill(-g, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while groups.iter().any(|&g| alive(g)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &g in groups {
+        // SAFETY: as above.
+        unsafe { libc::kill(-g, libc::SIGKILL) };
     }
 }
 
