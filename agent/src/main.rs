@@ -913,6 +913,16 @@ fn spawn(
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Every signal at its default: a command must not inherit what
+            // the agent ignores (started in the background by a shell, it
+            // ignores SIGINT, and then Ctrl-C on a terminal would not reach
+            // the command). Handlers are reset by exec anyway; ignored
+            // signals are not.
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             if pid_one {
                 let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {
