@@ -13,6 +13,17 @@ pub struct Ipv4Config {
     pub gateway: Option<Ipv4Addr>,
 }
 
+impl Ipv4Config {
+    /// The netmask of `prefix` (1..=32).
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.prefix))
+                .unwrap_or(0),
+        )
+    }
+}
+
 /// The `ligera.ip=` value of a kernel command line, if any.
 pub fn parse_cmdline(cmdline: &str) -> Result<Option<Ipv4Config>, String> {
     let Some(value) = cmdline
@@ -47,13 +58,8 @@ pub fn configure(config: Option<&Ipv4Config>) -> io::Result<()> {
     let Some(c) = config else {
         return Ok(());
     };
-    let mask = if c.prefix == 32 {
-        u32::MAX
-    } else {
-        !(u32::MAX >> c.prefix)
-    };
     sock.set_addr("eth0", libc::SIOCSIFADDR, c.address)?;
-    sock.set_addr("eth0", libc::SIOCSIFNETMASK, Ipv4Addr::from(mask))?;
+    sock.set_addr("eth0", libc::SIOCSIFNETMASK, c.netmask())?;
     sock.up("eth0")?;
     if let Some(gw) = c.gateway {
         sock.default_route(gw)?;
@@ -175,6 +181,15 @@ mod tests {
                 .gateway,
             None
         );
+        let mask = |p: &str| {
+            parse_cmdline(&format!("ligera.ip=10.0.0.2/{p}"))
+                .unwrap()
+                .unwrap()
+                .netmask()
+        };
+        assert_eq!(mask("24"), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(mask("32"), Ipv4Addr::new(255, 255, 255, 255));
+        assert_eq!(mask("1"), Ipv4Addr::new(128, 0, 0, 0));
         for bad in ["1.2.3.4", "1.2.3.4/0", "1.2.3.4/33", "x/24", "1.2.3.4/24,y"] {
             assert!(parse_cmdline(&format!("ligera.ip={bad}")).is_err(), "{bad}");
         }

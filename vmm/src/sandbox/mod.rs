@@ -152,7 +152,7 @@ fn parse_sandbox_net(text: &str) -> Result<SandboxNet, String> {
             let c = agent::net::parse_cmdline(&format!("ligera.ip={value}"))
                 .map_err(|_| bad())?
                 .ok_or_else(bad)?;
-            let mask = u32::MAX.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
+            let mask = u32::from(c.netmask());
             if let Some(gw) = c.gateway
                 && (u32::from(gw) & mask != u32::from(c.address) & mask || gw == c.address)
             {
