@@ -41,8 +41,8 @@ pub const CTRL_ALT_DEL: [u8; 10] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x
 const CTRL_ALT_DEL_LEN: usize = 8;
 
 /// What the next byte written to the data port is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DataTarget {
     Keyboard,
     /// A keyboard command's parameter (LEDs, typematic rate, scan code set).
     KeyboardParameter,
@@ -66,7 +66,42 @@ pub struct I8042 {
     last_was_command: bool,
 }
 
+/// The controller's state, as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    pub config: u8,
+    pub output: Vec<u8>,
+    pub last: u8,
+    pub data_target: DataTarget,
+    pub last_was_command: bool,
+}
+
 impl I8042 {
+    pub fn save(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            config: self.config,
+            output: self.output.iter().copied().collect(),
+            last: self.last,
+            data_target: self.data_target,
+            last_was_command: self.last_was_command,
+        }
+    }
+
+    pub fn restore(&mut self, s: &I8042Snapshot) -> Result<(), String> {
+        if s.output.len() > OUTPUT_LIMIT {
+            return Err(format!(
+                "i8042: {} bytes in a {OUTPUT_LIMIT}-byte buffer",
+                s.output.len()
+            ));
+        }
+        self.config = s.config;
+        self.output = s.output.iter().copied().collect();
+        self.last = s.last;
+        self.data_target = s.data_target;
+        self.last_was_command = s.last_was_command;
+        Ok(())
+    }
+
     /// A controller whose reset goes to `sink` and whose keyboard interrupt
     /// is `irq` (a KVM irqfd on IRQ 1).
     pub fn new(sink: Arc<dyn GuestEventSink>, irq: EventFd) -> Self {

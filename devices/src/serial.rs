@@ -73,6 +73,78 @@ impl SerialConsole {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// Bytes the UART's receive FIFO holds.
+const FIFO_SIZE: usize = 64;
+
+impl SerialConsole {
+    /// The UART's state.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART in the state `s`, keeping its interrupt, events and output.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(format!(
+                "serial: {} bytes in a {FIFO_SIZE}-byte FIFO",
+                s.in_buffer.len()
+            ));
+        }
+        let dup = |e: &EventFd| e.try_clone().map_err(|e| format!("serial: {e}"));
+        let irq = dup(&self.uart.interrupt_evt().0)?;
+        let space = dup(&self.uart.events().0)?;
+        let placeholder = Serial::with_events(
+            IrqTrigger(dup(&irq)?),
+            InputSpace(dup(&space)?),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        // Cannot fail: the FIFO length was checked above.
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), InputSpace(space), out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // The UART has byte-wide registers; wider accesses read as all ones.

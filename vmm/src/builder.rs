@@ -87,6 +87,13 @@ pub enum BuildError {
     Disk(#[from] devices::virtio::block::DiskError),
     #[error("--net: {0}")]
     Tap(#[from] net::TapError),
+    #[error("cannot restore the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("cannot restore the snapshot {}: {reason}", path.display())]
+    Restore {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, BuildError>;
@@ -95,11 +102,16 @@ pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> B
     move |source| BuildError::Kvm { what, source }
 }
 
-/// Builds a VM ready to run.
+/// Builds a VM ready to run: booting its kernel, or where its snapshot
+/// was taken if `config.restore` names one.
 pub fn build(config: &VmConfig) -> Result<Vm> {
+    if let Some(source) = &config.restore {
+        return restore(config, source);
+    }
     let layout = check_config(config)?;
     let kvm = open_kvm(config)?;
-    let (vm, mem) = create_vm(&kvm, &layout)?;
+    let mem = map_guest_memory(&layout)?;
+    let vm = create_vm(&kvm, &mem, &layout)?;
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;
@@ -118,6 +130,7 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
         crate::seccomp::enable().map_err(BuildError::Seccomp)?;
     }
     log::debug!("VM built");
+    let msr_list = msr_list(&kvm)?;
     Ok(Vm::new(VmParts {
         kvm,
         vm,
@@ -127,6 +140,96 @@ pub fn build(config: &VmConfig) -> Result<Vm> {
         console,
         events,
         devices,
+        msr_list,
+    }))
+}
+
+/// The MSRs whose values a snapshot keeps: KVM's list of those it saves.
+fn msr_list(kvm: &Kvm) -> Result<Vec<u32>> {
+    kvm.get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .map_err(kvm_err("list the MSRs to save"))
+}
+
+/// Builds a VM as its snapshot left it: guest RAM mapped from the memory
+/// file (private, copy-on-write), devices made from the snapshot's
+/// configuration (`config`, with the overrides of the restore) and put in
+/// their saved state, vCPUs and in-kernel devices loaded. Every check is
+/// made before the VM runs: a snapshot either restores whole or not at all.
+fn restore(config: &VmConfig, source: &crate::config::RestoreConfig) -> Result<Vm> {
+    use crate::snapshot;
+    let started = std::time::Instant::now();
+    let snapshot = snapshot::read_state(&source.state)?;
+    let mismatch = |reason: String| BuildError::Restore {
+        path: source.state.clone(),
+        reason,
+    };
+    if snapshot.config.vcpus != config.vcpus || snapshot.config.mem_size != config.mem_size {
+        return Err(mismatch(
+            "the configuration does not match the snapshot's (vCPUs, memory)".into(),
+        ));
+    }
+    let layout = check_config(config)?;
+    let kvm = open_kvm(config)?;
+    let file = std::fs::File::open(&source.memory)
+        .map_err(|e| mismatch(format!("memory file {}: {e}", source.memory.display())))?;
+    let mem = snapshot::map_memory(&file, &source.memory, &layout)?;
+    let vm = create_vm(&kvm, &mem, &layout)?;
+    let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+    let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;
+    let saved = &snapshot.devices;
+    let names: Vec<&str> = devices.virtio.iter().map(|s| s.name.as_str()).collect();
+    let saved_names: Vec<&str> = saved.virtio.iter().map(|(n, _)| n.as_str()).collect();
+    if names != saved_names {
+        return Err(mismatch(format!(
+            "the snapshot has devices {saved_names:?}, this VM {names:?}"
+        )));
+    }
+    for (slot, (_, state)) in devices.virtio.iter().zip(&saved.virtio) {
+        devices::bus::lock(&slot.transport)
+            .restore(state)
+            .map_err(&mismatch)?;
+    }
+    devices::bus::lock(&devices.serial)
+        .restore(&saved.serial)
+        .map_err(&mismatch)?;
+    devices::bus::lock(&devices.i8042)
+        .restore(&saved.i8042)
+        .map_err(&mismatch)?;
+    snapshot::kvm::restore_vm(&vm, &snapshot.vm).map_err(&mismatch)?;
+    let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
+    for (index, state) in snapshot.vcpus.iter().enumerate() {
+        let vcpu = Vcpu::new(
+            &vm,
+            index as u8,
+            devices.pio.clone(),
+            devices.mmio.clone(),
+            mem.clone(),
+            exit.clone(),
+        )?;
+        vcpu.restore(state).map_err(&mismatch)?;
+        vcpus.push(vcpu);
+    }
+    if config.seccomp {
+        crate::seccomp::enable().map_err(BuildError::Seccomp)?;
+    }
+    log::info!(
+        "VM restored from {} in {:?}",
+        source.state.display(),
+        started.elapsed()
+    );
+    let msr_list = msr_list(&kvm)?;
+    Ok(Vm::new(VmParts {
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        exit,
+        console,
+        events,
+        devices,
+        msr_list,
     }))
 }
 
@@ -192,10 +295,9 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm> {
 /// had one recently. Registering memory before the irqchip and PIT (which
 /// register I/O devices) makes it take ~0.2 ms instead of a 4 ms timer tick
 /// on the development machines.
-fn create_vm(kvm: &Kvm, layout: &GuestLayout) -> Result<(VmFd, arch::GuestMemoryMmap)> {
+fn create_vm(kvm: &Kvm, mem: &arch::GuestMemoryMmap, layout: &GuestLayout) -> Result<VmFd> {
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    let mem = map_guest_memory(layout)?;
-    register_guest_memory(&vm, &mem, layout)?;
+    register_guest_memory(&vm, mem, layout)?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("set the TSS address"))?;
     vm.create_irq_chip()
@@ -207,7 +309,7 @@ fn create_vm(kvm: &Kvm, layout: &GuestLayout) -> Result<(VmFd, arch::GuestMemory
     vm.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
     log::debug!("VM created with its memory");
-    Ok((vm, mem))
+    Ok(vm)
 }
 
 /// Loads kernel and initrd, writes the command line and the boot structures;

@@ -55,6 +55,57 @@ pub enum Command {
     /// Run the same workloads in a microVM, a runc container and a bare
     /// process, interleaved, and compare them.
     Bench(crate::bench::BenchArgs),
+    /// Save a running microVM to files, or start one from them.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot the VM served on a control socket (ligera run --api-sock):
+    /// pauses it if it runs, writes its state and memory files, and resumes
+    /// it if it was running.
+    Create(SnapshotCreateArgs),
+    /// Start a VM where a snapshot left it, and run it as ligera run does
+    /// (same exit statuses).
+    Restore(SnapshotRestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotCreateArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the state file goes (created or replaced).
+    #[arg(long, value_name = "PATH")]
+    pub state: PathBuf,
+    /// Where the guest memory file goes (created or replaced; sparse).
+    #[arg(long, value_name = "PATH")]
+    pub memory: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotRestoreArgs {
+    /// The snapshot's state file.
+    #[arg(long, value_name = "PATH")]
+    pub state: PathBuf,
+    /// The snapshot's memory file (mapped copy-on-write: it never changes).
+    #[arg(long, value_name = "PATH")]
+    pub memory: PathBuf,
+    /// Serial console: stdio, file=PATH or none.
+    #[arg(long, value_name = "WHERE", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialConfig,
+    /// The vsock device's host socket, instead of the snapshotted VM's (two
+    /// VMs cannot listen on one path).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
+    /// Serve the control API on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    #[arg(long, value_name = "MODE", default_value = "on", help = SECCOMP_HELP)]
+    pub seccomp: OnOff,
+    #[command(flatten)]
+    pub jail: crate::jail::JailOptions,
 }
 
 #[derive(Debug, Subcommand)]

@@ -95,6 +95,17 @@ pub struct VmConfig {
     /// Per-thread seccomp filters (`--seccomp off` turns them off).
     #[serde(default = "on")]
     pub seccomp: bool,
+    /// Start from a snapshot instead of booting the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreConfig>,
+}
+
+/// The files of a snapshot to restore (`ligera snapshot restore`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    pub state: PathBuf,
+    pub memory: PathBuf,
 }
 
 fn on() -> bool {
@@ -251,6 +262,7 @@ impl VmConfig {
             vsock: None,
             api_socket: None,
             seccomp: true,
+            restore: None,
         }
     }
 }

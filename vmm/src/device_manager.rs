@@ -48,7 +48,7 @@ pub struct VirtioSlot {
     pub gsi: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub device: Arc<Mutex<dyn VirtioDevice>>,
-    mailbox: Arc<DeviceMailbox>,
+    pub mailbox: Arc<DeviceMailbox>,
 }
 
 /// An event loop on a thread of its own, for one device.

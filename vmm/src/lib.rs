@@ -19,6 +19,7 @@ pub mod logger;
 pub mod options;
 pub mod sandbox;
 pub mod seccomp;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

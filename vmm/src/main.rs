@@ -25,6 +25,15 @@ fn run() -> i32 {
         Command::Run(args) => run_vm(args),
         Command::Image(cmd) => image_command(cmd),
         Command::Bench(args) => vmm::bench::bench(args),
+        Command::Snapshot(vmm::cli::SnapshotCommand::Create(args)) => {
+            vmm::snapshot::cli::create(args)
+        }
+        Command::Snapshot(vmm::cli::SnapshotCommand::Restore(args)) => {
+            match vmm::snapshot::cli::restore_config(args) {
+                Ok((config, jail)) => start_vm(config, jail),
+                Err(code) => code,
+            }
+        }
         Command::Sandbox(sandbox) => {
             use vmm::sandbox::{SandboxCommand, persistent, run};
             match sandbox {
@@ -42,8 +51,13 @@ fn run() -> i32 {
 
 /// `ligera run`.
 fn run_vm(args: vmm::cli::RunArgs) -> i32 {
+    let (config, jail) = args.into_config();
+    start_vm(config, jail)
+}
+
+/// Builds (or restores) the VM of `config`, in its jail, and runs it.
+fn start_vm(mut config: vmm::config::VmConfig, jail: vmm::jail::JailOptions) -> i32 {
     use vmm::jail::{JailError, Start};
-    let (mut config, jail) = args.into_config();
     if let Err(e) = config.validate() {
         eprintln!("ligera: error: {e} (see 'ligera run --help')");
         return EXIT_USAGE;

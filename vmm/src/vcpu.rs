@@ -89,9 +89,14 @@ enum Reported {
     Ended,
 }
 
+/// Work for a paused vCPU thread, on its vCPU fd (saving its state).
+type Task = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 struct Control {
     request: Request,
     reported: Reported,
+    /// Run by the thread while it is paused.
+    task: Option<Task>,
 }
 
 /// Shared by a vCPU thread and its [`VcpuHandle`].
@@ -106,8 +111,9 @@ impl Shared {
     }
 
     /// On the vCPU thread, before each `KVM_RUN`: whether to go on running.
-    /// A pause request is acknowledged here and sleeps until lifted.
-    fn may_run(&self) -> bool {
+    /// A pause request is acknowledged here and sleeps until lifted, doing
+    /// the tasks it is given meanwhile.
+    fn may_run(&self, fd: &VcpuFd) -> bool {
         let mut c = self.lock();
         loop {
             match c.request {
@@ -123,6 +129,10 @@ impl Shared {
                     if c.reported != Reported::Paused {
                         c.reported = Reported::Paused;
                         self.changed.notify_all();
+                    }
+                    if let Some(task) = c.task.take() {
+                        task(fd);
+                        continue;
                     }
                     c = self.changed.wait(c).unwrap_or_else(|e| e.into_inner());
                 }
@@ -150,6 +160,10 @@ pub enum LifecycleError {
     Ended(u8),
     #[error("vCPU {0} did not pause within {1:?}")]
     Timeout(u8, Duration),
+    #[error("vCPU {0} is not paused")]
+    NotPaused(u8),
+    #[error("vCPU {0} did not answer within {1:?}")]
+    NoAnswer(u8, Duration),
 }
 
 impl VcpuHandle {
@@ -202,6 +216,28 @@ impl VcpuHandle {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Runs `f` on the paused vCPU's thread with its vCPU fd, and returns
+    /// what it returns.
+    pub fn run_paused<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
+        timeout: Duration,
+    ) -> Result<R, LifecycleError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut c = self.shared.lock();
+            if c.request != Request::Pause || c.reported != Reported::Paused {
+                return Err(LifecycleError::NotPaused(self.index));
+            }
+            c.task = Some(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
+        }
+        self.shared.changed.notify_all();
+        rx.recv_timeout(timeout)
+            .map_err(|_| LifecycleError::NoAnswer(self.index, timeout))
     }
 
     /// Lets a paused vCPU run again.
@@ -337,6 +373,12 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Puts a saved state into this new vCPU (instead of [`Vcpu::configure`]).
+    pub fn restore(&self, state: &crate::snapshot::kvm::VcpuState) -> Result<(), String> {
+        crate::snapshot::kvm::restore_vcpu(&self.fd, state)
+            .map_err(|e| format!("vCPU {}: {e}", self.index))
+    }
+
     /// Starts the vCPU's thread, running (or paused, if `paused`).
     pub fn start(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
@@ -344,6 +386,7 @@ impl Vcpu {
             control: Mutex::new(Control {
                 request: if paused { Request::Pause } else { Request::Run },
                 reported: Reported::Running,
+                task: None,
             }),
             changed: Condvar::new(),
         });
@@ -384,7 +427,7 @@ impl Vcpu {
             // again and the next KVM_RUN returns at once.
             // SAFETY: the vCPU's own kvm_run mapping, alive as long as `self.fd`.
             unsafe { std::ptr::write_volatile(immediate_exit, 0) };
-            if self.exit.is_stopping() || !shared.may_run() {
+            if self.exit.is_stopping() || !shared.may_run(&self.fd) {
                 break;
             }
             if let Some(reason) = self.run_once() {

@@ -121,6 +121,20 @@ impl VmControl {
         Ok(())
     }
 
+    /// Runs `f` with the paused vCPUs, keeping the VM paused meanwhile (a
+    /// resume waits): for a snapshot.
+    pub fn while_paused<R>(
+        &self,
+        f: impl FnOnce(&[VcpuHandle]) -> Result<R, String>,
+    ) -> Result<R, String> {
+        let state = lock(&self.state);
+        if *state != VmState::Paused {
+            return Err(StateError::WrongState(*state, "paused").to_string());
+        }
+        let vcpus = lock(&self.vcpus);
+        f(&vcpus)
+    }
+
     /// Asks the VM to stop; the event loop then stops the vCPUs. `reason`
     /// decides ligera's exit status.
     pub fn request_stop(&self, reason: ExitReason) {
@@ -148,8 +162,10 @@ pub struct Vm {
     exit: Arc<ExitState>,
     events: EventLoop,
     devices: DeviceManager,
-    vm: VmFd,
-    _mem: arch::GuestMemoryMmap,
+    vm: Arc<VmFd>,
+    mem: arch::GuestMemoryMmap,
+    /// The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Arc<Vec<u32>>,
     _kvm: Kvm,
 }
 
@@ -163,6 +179,7 @@ pub struct VmParts {
     pub console: Option<Console>,
     pub events: EventLoop,
     pub devices: DeviceManager,
+    pub msr_list: Vec<u32>,
 }
 
 impl Vm {
@@ -174,8 +191,9 @@ impl Vm {
             exit: p.exit,
             events: p.events,
             devices: p.devices,
-            vm: p.vm,
-            _mem: p.mem,
+            vm: Arc::new(p.vm),
+            mem: p.mem,
+            msr_list: Arc::new(p.msr_list),
             _kvm: p.kvm,
         }
     }
@@ -192,6 +210,30 @@ impl Vm {
     /// The devices, which stay reachable for the VM's whole life.
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    /// What a snapshot of this VM (built from `config`) is taken from.
+    pub fn snapshot_source(&self, config: &crate::config::VmConfig) -> crate::snapshot::Source {
+        crate::snapshot::Source {
+            control: self.control.clone(),
+            vm: self.vm.clone(),
+            mem: self.mem.clone(),
+            serial: self.devices.serial.clone(),
+            i8042: self.devices.i8042.clone(),
+            virtio: self
+                .devices
+                .virtio
+                .iter()
+                .map(|s| crate::snapshot::VirtioPart {
+                    name: s.name.clone(),
+                    transport: s.transport.clone(),
+                    device: s.device.clone(),
+                    mailbox: s.mailbox.clone(),
+                })
+                .collect(),
+            config: config.clone(),
+            msr_list: self.msr_list.clone(),
+        }
     }
 
     /// Runs the guest until something stops it, and says why. The VM is

@@ -57,8 +57,8 @@ pub const STATUS_FAILED: u32 = 128;
 
 /// A queue's registers as the driver wrote them; they become a
 /// `virtio_queue::Queue` (and are checked) only at DRIVER_OK.
-#[derive(Clone, Copy, Debug, Default)]
-struct QueueRegs {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
     max_size: u16,
     /// As written: a 32-bit register, checked later.
     size: u32,
@@ -105,6 +105,22 @@ impl QueueRegs {
         }
         Ok(q)
     }
+}
+
+/// A transport and its device's queue positions, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueRegs>,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    /// The device runs on the queues: `(next_avail, next_used)` of each.
+    pub positions: Option<Vec<(u16, u16)>>,
 }
 
 /// Who carries out activation and reset.
@@ -190,6 +206,96 @@ impl MmioTransport {
             name: name.into(),
             warned: false,
         }
+    }
+
+    /// The transport's registers and where its running device (`device`,
+    /// this transport's, locked by the caller so that it stays idle) is in
+    /// each queue.
+    pub fn save(&self, device: &dyn VirtioDevice) -> TransportSnapshot {
+        let positions = self.active.then(|| device.queue_positions());
+        TransportSnapshot {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            positions,
+        }
+    }
+
+    /// Puts a new transport (whose device has never run) in the state `s`
+    /// and, if the device was running, starts it on its queues from where it
+    /// was. Everything in `s` is checked as the guest's own writes would be.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        let name = self.name.clone();
+        let fail = |what: String| Err(format!("{name}: {what}"));
+        if s.device_type != self.device_type {
+            return fail(format!(
+                "the snapshot has device type {} here, this VM {}",
+                s.device_type, self.device_type
+            ));
+        }
+        let max_sizes: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        let saved_max: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
+        if max_sizes != saved_max {
+            return fail(format!(
+                "queue sizes {saved_max:?} in the snapshot, {max_sizes:?} here"
+            ));
+        }
+        if s.driver_features & !self.offered != 0 {
+            return fail(format!(
+                "driver features {:#x} beyond the offered {:#x}",
+                s.driver_features, self.offered
+            ));
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.queues = s.queues.clone();
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status);
+        let Some(positions) = &s.positions else {
+            return Ok(());
+        };
+        if s.status & STATUS_DRIVER_OK == 0 || positions.len() != self.queues.len() {
+            return fail("a running device without DRIVER_OK or with the wrong queue count".into());
+        }
+        let event_idx = self.driver_features & super::F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (regs, &(next_avail, next_used))) in self.queues.iter().zip(positions).enumerate() {
+            let mut q = match regs.to_queue(&self.mem, event_idx) {
+                Ok(q) => q,
+                Err(why) => return fail(format!("queue {i} is unusable: {why}")),
+            };
+            q.set_next_avail(next_avail);
+            q.set_next_used(next_used);
+            queues.push(q);
+        }
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            features: self.driver_features,
+            interrupt: self.interrupt.clone(),
+        };
+        match &self.worker {
+            Worker::Runner(mailbox) => {
+                mailbox.post(DeviceRequest::Activate(activation));
+            }
+            Worker::Inline => {
+                if let Err(e) = lock(&self.device).activate(activation) {
+                    return fail(format!("cannot activate: {e}"));
+                }
+            }
+        }
+        self.active = true;
+        lock(&self.device).restored();
+        Ok(())
     }
 
     /// Reports a driver mistake: the first as a warning, the rest at debug level.
@@ -519,6 +625,9 @@ mod tests {
             }
             self.activations.push((a.features, a.queues.len()));
             Ok(())
+        }
+        fn queue_positions(&self) -> Vec<(u16, u16)> {
+            vec![(0, 0); 2]
         }
         fn reset(&mut self) {
             self.resets += 1;

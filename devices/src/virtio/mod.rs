@@ -85,6 +85,14 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets the InterruptStatus register (a restored VM's), without raising the line.
+    pub fn set_status(&self, status: u32) {
+        self.status.store(
+            status & (INT_USED_RING | INT_CONFIG_CHANGE),
+            Ordering::SeqCst,
+        );
+    }
 }
 
 /// Why a device could not start.
@@ -148,6 +156,23 @@ pub trait VirtioDevice: Send {
 
     /// The driver reset the device: stop using (and forget) the queues.
     fn reset(&mut self);
+
+    /// Where the device is in each of its queues while it runs:
+    /// `(next_avail, next_used)`, in queue order (empty when not running).
+    /// A snapshot keeps them; a restored device resumes from them.
+    fn queue_positions(&self) -> Vec<(u16, u16)>;
+
+    /// The VM was just restored from a snapshot, before it runs again: the
+    /// device drops what cannot survive (vsock connections to the host).
+    fn restored(&mut self) {}
+}
+
+/// `(next_avail, next_used)` of each queue.
+pub fn positions<'a>(queues: impl IntoIterator<Item = &'a Queue>) -> Vec<(u16, u16)> {
+    queues
+        .into_iter()
+        .map(|q| (q.next_avail(), q.next_used()))
+        .collect()
 }
 
 /// Copies `bytes` (a config structure) to `data` from `offset`, zero-filling

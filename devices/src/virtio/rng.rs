@@ -135,6 +135,10 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        super::positions(self.running.iter().map(|r| &r.queue))
+    }
+
     fn reset(&mut self) {
         self.running = None;
     }

@@ -91,6 +91,13 @@ impl DeviceMailbox {
         !result.timed_out()
     }
 
+    /// Waits until every request posted so far is carried out; false if
+    /// that takes longer than the reset timeout.
+    pub fn settle(&self) -> bool {
+        let posted = lock(&self.pending).posted;
+        self.wait(posted)
+    }
+
     /// Whether the last activation failed (the device wants a reset).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
@@ -225,6 +232,9 @@ mod tests {
                 return Err(ActivateError::Other("refused".into()));
             }
             Ok(())
+        }
+        fn queue_positions(&self) -> Vec<(u16, u16)> {
+            Vec::new()
         }
         fn reset(&mut self) {
             self.threads.push((here(), "reset"));

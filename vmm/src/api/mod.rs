@@ -12,6 +12,7 @@
 //!
 //! Errors are 400 with `{"fault_message": "..."}` naming what was wrong.
 
+pub mod client;
 pub mod server;
 
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ pub struct VmApi {
     control: Arc<VmControl>,
     i8042: Arc<Mutex<I8042>>,
     config: VmConfig,
+    snapshot: crate::snapshot::Source,
 }
 
 impl VmApi {
@@ -39,6 +41,7 @@ impl VmApi {
             control: vm.control(),
             i8042: vm.devices().i8042.clone(),
             config: config.clone(),
+            snapshot: vm.snapshot_source(config),
         }
     }
 }
@@ -84,6 +87,22 @@ struct ActionBody {
 enum Action {
     SendCtrlAltDel,
     Stop,
+}
+
+/// `PUT /snapshot/create`, in Firecracker's shape.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreateBody {
+    snapshot_path: std::path::PathBuf,
+    mem_file_path: std::path::PathBuf,
+    #[serde(default)]
+    snapshot_type: Option<SnapshotType>,
+}
+
+#[derive(Deserialize, PartialEq, Eq)]
+enum SnapshotType {
+    Full,
+    Diff,
 }
 
 /// Parses a JSON body, or says what is wrong with it.
@@ -201,6 +220,60 @@ impl VmApi {
     }
 }
 
+impl VmApi {
+    /// Writes a snapshot of the paused VM to the two files (created or
+    /// truncated, mode 0600). The VM stays paused.
+    fn snapshot_create(&self, request: &Request) -> Response {
+        use std::os::unix::fs::OpenOptionsExt;
+        let parsed: SnapshotCreateBody = match body(request) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if parsed.snapshot_type == Some(SnapshotType::Diff) {
+            return Response::fault(400, "diff snapshots are not supported: use Full");
+        }
+        if self.control.state() != VmState::Paused {
+            return Response::fault(
+                400,
+                "the VM must be paused for a snapshot (PATCH /vm {\"state\": \"Paused\"})",
+            );
+        }
+        let open = |path: &std::path::Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Response::fault(400, format!("{}: {e}", path.display())))
+        };
+        let mut state = match open(&parsed.snapshot_path) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        let memory = match open(&parsed.mem_file_path) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        match self.snapshot.create(
+            (&mut state, &parsed.snapshot_path),
+            (&memory, &parsed.mem_file_path),
+        ) {
+            Ok(created) => {
+                log::info!(
+                    "snapshot taken in {:?}: state {} bytes, {} bytes of guest memory written",
+                    created.elapsed,
+                    created.state_bytes,
+                    created.memory_bytes
+                );
+                Response::no_content()
+            }
+            Err(e) => Response::fault(400, format!("cannot take the snapshot: {e}")),
+        }
+    }
+}
+
 impl Handler for VmApi {
     fn handle(&mut self, request: &Request) -> Response {
         match (request.method.as_str(), request.path.as_str()) {
@@ -208,6 +281,7 @@ impl Handler for VmApi {
             ("GET", "/vm/config") => self.vm_config(),
             ("PATCH", "/vm") => self.patch_vm(request),
             ("PUT", "/actions") => self.action(request),
+            ("PUT", "/snapshot/create") => self.snapshot_create(request),
             (method, path) => Response::fault(
                 400,
                 format!("invalid request method and/or path: {method} {path}"),

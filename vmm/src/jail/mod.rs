@@ -243,11 +243,19 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
     };
     // Taps are opened before the jail (see `confine`): no /dev/net/tun.
     let mut mounts = vec![file("/dev/kvm".into(), true)];
-    config.kernel = regular("--kernel", &config.kernel, false)?;
-    mounts.push(file(config.kernel.clone(), false));
-    if let Some(initrd) = &mut config.initrd {
-        *initrd = regular("--initrd", initrd, false)?;
-        mounts.push(file(initrd.clone(), false));
+    if let Some(restore) = &mut config.restore {
+        // A restored VM reads its snapshot, not its kernel.
+        restore.state = regular("--state", &restore.state, false)?;
+        mounts.push(file(restore.state.clone(), false));
+        restore.memory = regular("--memory", &restore.memory, false)?;
+        mounts.push(file(restore.memory.clone(), false));
+    } else {
+        config.kernel = regular("--kernel", &config.kernel, false)?;
+        mounts.push(file(config.kernel.clone(), false));
+        if let Some(initrd) = &mut config.initrd {
+            *initrd = regular("--initrd", initrd, false)?;
+            mounts.push(file(initrd.clone(), false));
+        }
     }
     for disk in &mut config.disks {
         disk.path = regular("--disk", &disk.path, true)?;

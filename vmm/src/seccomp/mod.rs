@@ -270,6 +270,75 @@ vmm_sys_util::ioctl_iowr_nr!(
     kvm_bindings::kvm_translation
 );
 
+// What a snapshot reads from a paused vCPU (on its thread) and from the VM.
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
+
 fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     use libc::*;
     let mut l = List::default();
@@ -396,6 +465,22 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 1,
                 &[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_TRANSLATE()],
             )?;
+            // A snapshot's reads of the paused vCPU.
+            l.allow_values(
+                SYS_ioctl,
+                1,
+                &[
+                    KVM_GET_MP_STATE(),
+                    KVM_GET_XSAVE(),
+                    KVM_GET_XCRS(),
+                    KVM_GET_DEBUGREGS(),
+                    KVM_GET_LAPIC(),
+                    KVM_GET_CPUID2(),
+                    KVM_GET_TSC_KHZ(),
+                    KVM_GET_MSRS(),
+                    KVM_GET_VCPU_EVENTS(),
+                ],
+            )?;
             l.allow(&[SYS_writev]);
         }
         Role::Block => {
@@ -450,6 +535,25 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
         Role::Api => {
             // Accepts connections, never makes one.
             unix_server(&mut l)?;
+            // PUT /snapshot/create: the VM's in-kernel devices and clock,
+            // and the two files it writes (created or truncated, never
+            // executed; guest RAM's resident pages found with mincore).
+            l.allow_values(
+                SYS_ioctl,
+                1,
+                &[KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()],
+            )?;
+            l.allow(&[
+                SYS_ftruncate,
+                SYS_pwrite64,
+                SYS_fsync,
+                SYS_mincore,
+                SYS_fstat,
+                SYS_newfstatat,
+                SYS_statx,
+            ]);
+            let open_mask = (O_DIRECTORY | O_PATH) as u64;
+            l.allow_if(SYS_openat, &[(2, Len::Dword, Op::MaskedEq(open_mask), 0)])?;
         }
         Role::Console => {}
         Role::Sandbox => {

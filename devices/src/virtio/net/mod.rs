@@ -806,6 +806,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         Ok(())
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        super::positions(self.running.iter().flat_map(|r| [&r.rx, &r.tx]))
+    }
+
     fn reset(&mut self) {
         self.running = None;
         self.rx_pending = None;

@@ -51,6 +51,9 @@ pub const RX_BUDGET: usize = 64;
 /// third, 2, is the event queue).
 pub const RX: usize = 0;
 pub const TX: usize = 1;
+pub const EVENT: usize = 2;
+/// virtio_vsock_event.id of a transport reset (virtio 1.2 §5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const TOKEN_KICK: u32 = 4;
 
 /// How the device registers and unregisters file descriptors with the
@@ -109,6 +112,8 @@ pub struct Vsock {
     muxer: Muxer,
     running: Option<Running>,
     reset_pending: bool,
+    /// A transport reset event is owed to the driver (after a restore).
+    transport_reset_pending: bool,
     /// Payload scratch space, in and out.
     scratch: Vec<u8>,
     /// Whether a guest mistake was logged at warning level already.
@@ -140,6 +145,7 @@ impl Vsock {
             muxer: Muxer::new(cid, listener, connector),
             running: None,
             reset_pending: false,
+            transport_reset_pending: false,
             scratch: vec![0; MAX_PAYLOAD],
             warned: false,
         })
@@ -165,6 +171,9 @@ impl Vsock {
             self.reset_pending = false;
             self.muxer.reset(poller);
         }
+        if self.transport_reset_pending && self.send_transport_reset() {
+            self.transport_reset_pending = false;
+        }
         let active = self.running.is_some();
         match token {
             0..=2 => {
@@ -183,6 +192,32 @@ impl Vsock {
         if more_tx || more_rx {
             let _ = self.kick.write(1);
         }
+    }
+
+    /// Puts a transport reset event in the event queue; false if the
+    /// device is not running or the driver has no event buffer yet (the
+    /// next event of the device tries again).
+    fn send_transport_reset(&mut self) -> bool {
+        let Some(r) = &mut self.running else {
+            return false;
+        };
+        let (mem, queue) = (&r.mem, &mut r.queues[EVENT]);
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let _ = queue.enable_notification(mem);
+            return false;
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= 4 => w
+                .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                .map_or(0, |()| 4),
+            _ => 0,
+        };
+        if queue.add_used(mem, head, written).is_ok() {
+            signal_used_if_needed(queue, mem, &r.interrupt);
+        }
+        log::info!("virtio-vsock: transport reset sent to the driver");
+        true
     }
 
     /// Handles guest packets; returns whether chains were left for later.
@@ -381,6 +416,18 @@ impl VirtioDevice for Vsock {
         // Packets the driver queued before DRIVER_OK are served on the event loop.
         let _ = self.kick.write(1);
         Ok(())
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        super::positions(self.running.iter().flat_map(|r| r.queues.iter()))
+    }
+
+    fn restored(&mut self) {
+        // Host connections are gone (the snapshot has none of their
+        // sockets): drop ours and tell the driver, which drops its own
+        // (virtio 1.2 §5.10.6.6); listeners stay.
+        self.transport_reset_pending = true;
+        let _ = self.kick.write(1);
     }
 
     fn reset(&mut self) {
