@@ -76,8 +76,8 @@ fn restore(dir: &Path, extra: &[&str]) -> Running {
 #[test]
 fn restored_guest_counts_on() {
     let dir = work_dir("count");
-    snapshot_counting_guest(&dir, &["--no-jail"]);
-    let mut clone = restore(&dir, &["--no-jail"]);
+    snapshot_counting_guest(&dir, &[]);
+    let mut clone = restore(&dir, &[]);
     let out = clone.collect_for(Duration::from_secs(3));
     let c = counts(&out);
     eprintln!("{:?}", &c[..c.len().min(5)]);

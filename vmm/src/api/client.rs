@@ -2,6 +2,7 @@
 //! for the `ligera snapshot` commands.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +18,19 @@ pub fn request(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    request_with_fds(socket, method, path, body, &[], timeout)
+}
+
+/// Sends one request with descriptors attached (SCM_RIGHTS) and returns
+/// the status and body.
+pub fn request_with_fds(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    fds: &[RawFd],
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", socket.display());
     let mut stream = UnixStream::connect(socket).map_err(|e| fail(&e))?;
     stream
@@ -29,10 +43,9 @@ pub fn request(
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    stream
-        .write_all(head.as_bytes())
-        .and_then(|()| stream.write_all(body.as_bytes()))
-        .map_err(|e| fail(&e))?;
+    let bytes = [head.as_bytes(), body.as_bytes()].concat();
+    let sent = send_with_fds(&stream, &bytes, fds).map_err(|e| fail(&e))?;
+    stream.write_all(&bytes[sent..]).map_err(|e| fail(&e))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -67,6 +80,39 @@ pub fn request(
             return Err(fail(&"the connection closed before a response"));
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends the first bytes of `bytes` with `fds` attached; returns how many
+/// bytes went.
+fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
+    if fds.is_empty() {
+        return (&*stream).write(bytes);
+    }
+    let fd_bytes = std::mem::size_of_val(fds);
+    let mut control = vec![0u64; 4 + fd_bytes.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives
+    // the call, and the control buffer holds CMSG_SPACE(fd_bytes).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(fd_bytes as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes);
+        let n = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 

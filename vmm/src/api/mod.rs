@@ -248,13 +248,20 @@ impl VmApi {
                 .open(path)
                 .map_err(|e| Response::fault(400, format!("{}: {e}", path.display())))
         };
-        let mut state = match open(&parsed.snapshot_path) {
-            Ok(f) => f,
-            Err(r) => return r,
-        };
-        let memory = match open(&parsed.mem_file_path) {
-            Ok(f) => f,
-            Err(r) => return r,
+        // `ligera snapshot create` passes the two files, opened by its user
+        // (a jailed VM can reach no file of theirs); other clients name them.
+        let (mut state, memory) = match <[_; 2]>::try_from(request.fds.take()) {
+            Ok([state, memory]) => (std::fs::File::from(state), std::fs::File::from(memory)),
+            Err(_) => {
+                let state = match open(&parsed.snapshot_path) {
+                    Ok(f) => f,
+                    Err(r) => return r,
+                };
+                match open(&parsed.mem_file_path) {
+                    Ok(f) => (state, f),
+                    Err(r) => return r,
+                }
+            }
         };
         match self.snapshot.create(
             (&mut state, &parsed.snapshot_path),

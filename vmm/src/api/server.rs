@@ -16,8 +16,8 @@
 //! (rust-vmm's `micro_http`, which Firecracker uses, is not published on
 //! crates.io; `tiny_http` runs a thread per connection with no limits.)
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -36,12 +36,30 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_HEADERS: usize = 32;
 
 /// A request, whole.
-#[derive(Debug)]
+#[derive(Default)]
 pub struct Request {
     pub method: String,
     pub path: String,
     pub body: Vec<u8>,
+    /// Descriptors the client passed (SCM_RIGHTS) with the request's bytes,
+    /// at most [`MAX_FDS`]; a handler takes them with `fds.take()`.
+    pub fds: std::cell::Cell<Vec<OwnedFd>>,
 }
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} ({} bytes)",
+            self.method,
+            self.path,
+            self.body.len()
+        )
+    }
+}
+
+/// Descriptors kept per request; more are closed as they arrive.
+pub const MAX_FDS: usize = 2;
 
 /// A response: a status and, unless 204, a JSON body.
 #[derive(Debug)]
@@ -216,6 +234,8 @@ struct Connection {
     close_after_write: bool,
     /// The peer has closed its end.
     eof: bool,
+    /// Descriptors received with the request being read.
+    fds: Vec<OwnedFd>,
 }
 
 impl Connection {
@@ -240,7 +260,7 @@ impl Connection {
         let mut buf = [0u8; 4096];
         while self.input.len() < MAX_HEAD + MAX_BODY {
             let room = (MAX_HEAD + MAX_BODY - self.input.len()).min(buf.len());
-            match self.stream.read(&mut buf[..room]) {
+            match recv_with_fds(&self.stream, &mut buf[..room], &mut self.fds) {
                 Ok(0) => {
                     self.eof = true;
                     return;
@@ -283,6 +303,7 @@ impl Connection {
                     close,
                 } => {
                     self.input.drain(..consumed);
+                    request.fds.set(std::mem::take(&mut self.fds));
                     self.request_started = (!self.input.is_empty()).then(Instant::now);
                     log::debug!("control socket: {} {}", request.method, request.path);
                     let response = handler.handle(&request);
@@ -315,6 +336,55 @@ impl Connection {
         self.written = 0;
         !self.close_after_write
     }
+}
+
+/// Reads from a Unix stream like read(2), keeping descriptors passed with
+/// the bytes (up to [`MAX_FDS`] in `fds`; any others are closed).
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<usize> {
+    const FD: usize = std::mem::size_of::<libc::c_int>();
+    // Room for MAX_FDS descriptors: the kernel installs no more than fit and
+    // closes the rest of a larger batch itself.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE((MAX_FDS * FD) as u32) } as usize;
+    // SAFETY: recvmsg on our socket into the buffers described by `msg`.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                for i in 0..len / FD {
+                    let fd = std::ptr::read_unaligned(data.add(i * FD).cast::<libc::c_int>());
+                    // Owned from here: closed when dropped.
+                    let owned = OwnedFd::from_raw_fd(fd);
+                    if fds.len() < MAX_FDS {
+                        fds.push(owned);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(n as usize)
 }
 
 enum Parsed {
@@ -365,6 +435,7 @@ fn parse(input: &[u8]) -> Parsed {
             method: req.method.unwrap_or_default().to_string(),
             path: req.path.unwrap_or_default().to_string(),
             body: input[head_len..head_len + length].to_vec(),
+            fds: Default::default(),
         },
         consumed: head_len + length,
         close,
@@ -517,6 +588,7 @@ fn accept(listener: &HostListener, conns: &mut Vec<Connection>, now: Instant) {
             last_active: now,
             close_after_write: false,
             eof: false,
+            fds: Vec::new(),
         });
     }
 }

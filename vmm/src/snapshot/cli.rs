@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::api::client::{fault_message, request};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::api::client::{fault_message, request, request_with_fds};
 use crate::cli::{OnOff, SnapshotCreateArgs, SnapshotRestoreArgs};
 use crate::config::{RestoreConfig, VmConfig};
 use crate::exit::{EXIT_OK, EXIT_USAGE, EXIT_VMM_ERROR};
@@ -53,17 +56,33 @@ fn create_inner(args: &SnapshotCreateArgs) -> Result<(), String> {
             return Err(format!("cannot pause the VM: {}", fault_message(&body)));
         }
     }
-    let result = request(
-        sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&json!({
-            "snapshot_type": "Full",
-            "snapshot_path": state,
-            "mem_file_path": memory,
-        })),
-        SNAPSHOT_TIMEOUT,
-    );
+    // The files are ours, opened here and handed over: the VM, jailed,
+    // could not open them itself.
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let files = open(&state).and_then(|s| Ok((s, open(&memory)?)));
+    let result = files.and_then(|(s, m)| {
+        request_with_fds(
+            sock,
+            "PUT",
+            "/snapshot/create",
+            Some(&json!({
+                "snapshot_type": "Full",
+                "snapshot_path": state,
+                "mem_file_path": memory,
+            })),
+            &[s.as_raw_fd(), m.as_raw_fd()],
+            SNAPSHOT_TIMEOUT,
+        )
+    });
     if was_running {
         let resumed = request(
             sock,
@@ -78,11 +97,17 @@ fn create_inner(args: &SnapshotCreateArgs) -> Result<(), String> {
             Err(e) => eprintln!("ligera: cannot resume the VM: {e}"),
         }
     }
-    let (status, body) = result?;
-    if status != 204 {
-        return Err(fault_message(&body));
+    let outcome = match result {
+        Ok((204, _)) => Ok(()),
+        Ok((_, body)) => Err(fault_message(&body)),
+        Err(e) => Err(e),
+    };
+    if outcome.is_err() {
+        // No half-written snapshot is left to be restored later.
+        let _ = std::fs::remove_file(&state);
+        let _ = std::fs::remove_file(&memory);
     }
-    Ok(())
+    outcome
 }
 
 /// `ligera snapshot restore`: the snapshot's configuration with this
