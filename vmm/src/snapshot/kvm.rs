@@ -28,19 +28,28 @@ use serde::{Deserialize, Serialize};
 /// without `Drop`.
 pub(crate) unsafe trait Pod {}
 
-// SAFETY: all are bindgen'd C structures of integers (and unions of them).
-unsafe impl Pod for kvm_regs {}
-unsafe impl Pod for kvm_sregs {}
-unsafe impl Pod for kvm_xsave {}
-unsafe impl Pod for kvm_xcrs {}
-unsafe impl Pod for kvm_debugregs {}
-unsafe impl Pod for kvm_lapic_state {}
-unsafe impl Pod for kvm_mp_state {}
-unsafe impl Pod for kvm_vcpu_events {}
-unsafe impl Pod for kvm_cpuid_entry2 {}
-unsafe impl Pod for kvm_irqchip {}
-unsafe impl Pod for kvm_pit_state2 {}
-unsafe impl Pod for kvm_clock_data {}
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: a bindgen'd KVM structure of integers, arrays and unions
+        // of them, without Drop.
+        unsafe impl Pod for $t {}
+    )*};
+}
+
+pod!(
+    kvm_regs,
+    kvm_sregs,
+    kvm_xsave,
+    kvm_xcrs,
+    kvm_debugregs,
+    kvm_lapic_state,
+    kvm_mp_state,
+    kvm_vcpu_events,
+    kvm_cpuid_entry2,
+    kvm_irqchip,
+    kvm_pit_state2,
+    kvm_clock_data
+);
 
 /// A structure's bytes.
 pub(crate) fn to_bytes<T: Pod>(value: &T) -> Vec<u8> {
