@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Outcome, spawn};
+use common::{Outcome, connect_to_guest, spawn};
 
 fn socket_path(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -69,34 +69,6 @@ fn read_to_end(s: &mut UnixStream, timeout: Duration) -> Vec<u8> {
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return out,
             Err(e) => panic!("reading the vsock stream: {e} after {} bytes", out.len()),
         }
-    }
-}
-
-/// Connects to the guest's `port` through the hybrid-vsock socket, retrying
-/// while nobody listens yet (the guest answers with a RST: the socket
-/// closes without an `OK`); returns the stream after its `OK <port>` line.
-fn connect_to_guest(socket: &Path, port: u32, deadline: Instant) -> UnixStream {
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "guest port {port} never accepted"
-        );
-        let mut s = UnixStream::connect(socket).unwrap();
-        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while line.last() != Some(&b'\n') {
-            match s.read(&mut b) {
-                Ok(1) => line.push(b[0]),
-                _ => break,
-            }
-        }
-        if line.starts_with(b"OK ") && line.ends_with(b"\n") {
-            return s;
-        }
-        assert!(line.is_empty(), "unexpected answer {line:?}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -533,3 +533,35 @@ pub fn filtered_threads(pid: i32) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Connects to the guest's `port` through the hybrid-vsock socket, retrying
+/// while nobody listens yet (the guest answers with a RST: the socket
+/// closes without an `OK`); returns the stream after its `OK <port>` line.
+pub fn connect_to_guest(
+    socket: &Path,
+    port: u32,
+    deadline: Instant,
+) -> std::os::unix::net::UnixStream {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest port {port} never accepted"
+        );
+        let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            match s.read(&mut b) {
+                Ok(1) => line.push(b[0]),
+                _ => break,
+            }
+        }
+        if line.starts_with(b"OK ") && line.ends_with(b"\n") {
+            return s;
+        }
+        assert!(line.is_empty(), "unexpected answer {line:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
