@@ -74,11 +74,24 @@ pub fn ping(mut stream: UnixStream) -> Result<(), ClientError> {
 
 /// The Hello exchange that opens every session.
 fn hello(s: &mut UnixStream) -> Result<(), ClientError> {
+    // Fresh entropy and the time with every session: a VM restored from a
+    // snapshot starts with the snapshot's random pool and clock.
+    let mut seed = [0u8; protocol::SEED_BYTES];
+    // SAFETY: getrandom writes at most `seed.len()` bytes into `seed`.
+    let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    let seed = (got == seed.len() as isize)
+        .then(|| seed.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok());
     write_json(
         s,
         Kind::Hello,
         &Hello {
             version: protocol::VERSION,
+            seed,
+            time_ns,
         },
     )?;
     let hello: Hello = read_frame(s)?.expect(Kind::Hello)?.json()?;
@@ -357,7 +370,15 @@ mod tests {
             ),
             ("a wrong hello", {
                 let mut v = Vec::new();
-                write_json(&mut v, Kind::Hello, &Hello { version: 99 }).unwrap();
+                write_json(
+                    &mut v,
+                    Kind::Hello,
+                    &Hello {
+                        version: 99,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
                 v
             }),
         ];

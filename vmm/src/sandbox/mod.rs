@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod persistent;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +114,12 @@ pub struct VmOptions {
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,gw=GW]",
           value_parser = parse_sandbox_net)]
     pub net: Option<SandboxNet>,
+
+    /// Boot the guest kernel, instead of restoring the cached snapshot of a
+    /// booted sandbox VM (made by the first sandbox of this image, kernel,
+    /// vCPUs, memory and disk size). Sandboxes with --net always boot.
+    #[arg(long)]
+    pub no_snapshot: bool,
 
     #[command(flatten)]
     pub jail: crate::jail::JailOptions,
@@ -596,6 +603,10 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
         seccomp: args.seccomp == crate::cli::OnOff::On,
         ..VmConfig::new(kernel)
     };
+    let mut config = config;
+    if template::eligible(&config, args.no_snapshot) {
+        template::restore_from_template(&mut config)?;
+    }
     Ok((config, image_config))
 }
 

@@ -214,6 +214,9 @@ fn vm_args(vm: &VmOptions) -> Vec<String> {
     if vm.seccomp == crate::cli::OnOff::Off {
         a.extend(["--seccomp".into(), "off".into()]);
     }
+    if vm.no_snapshot {
+        a.push("--no-snapshot".into());
+    }
     a.extend(vm.jail.to_args());
     if let Some(n) = &vm.net {
         a.extend(["--net".into(), n.text.clone()]);

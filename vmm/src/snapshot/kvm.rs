@@ -12,10 +12,10 @@
 //!   list has that order), vCPU events last.
 
 use kvm_bindings::{
-    CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -233,8 +233,13 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<Vec<u8>, String> {
 
 pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, String> {
     let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
-    // KVM_SET_CLOCK takes no TSC_STABLE flag; it is KVM's to decide.
-    clock.flags &= !KVM_CLOCK_TSC_STABLE;
+    // KVM_SET_CLOCK takes no TSC_STABLE flag (it is KVM's to decide), and
+    // without REALTIME/HOST_TSC it sets the clock to the saved value rather
+    // than advancing it by the time since the snapshot: the guest's
+    // monotonic time goes on from the snapshot as after a pause (a jump of
+    // hours would fire every timer and watchdog at once). Its wall clock is
+    // set by the sandbox agent, or by the guest's own NTP.
+    clock.flags &= !(KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC);
     Ok(VmKvmState {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,

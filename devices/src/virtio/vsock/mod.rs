@@ -54,6 +54,8 @@ pub const TX: usize = 1;
 pub const EVENT: usize = 2;
 /// virtio_vsock_event.id of a transport reset (virtio 1.2 §5.10.6.6).
 const EVENT_TRANSPORT_RESET: u32 = 0;
+/// How long host connections wait for the driver to handle a transport reset.
+const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const TOKEN_KICK: u32 = 4;
 
 /// How the device registers and unregisters file descriptors with the
@@ -114,6 +116,12 @@ pub struct Vsock {
     reset_pending: bool,
     /// A transport reset event is owed to the driver (after a restore).
     transport_reset_pending: bool,
+    /// The reset went out when the event queue's avail index was this;
+    /// host connections are refused (their clients retry) until the driver
+    /// has handled it, which it shows by giving an event buffer back, or
+    /// until [`RESET_GRACE`] has passed. A connection made before would
+    /// race the reset in the guest, which would drop it without a word.
+    reset_sent: Option<(u16, std::time::Instant)>,
     /// Payload scratch space, in and out.
     scratch: Vec<u8>,
     /// Whether a guest mistake was logged at warning level already.
@@ -146,6 +154,7 @@ impl Vsock {
             running: None,
             reset_pending: false,
             transport_reset_pending: false,
+            reset_sent: None,
             scratch: vec![0; MAX_PAYLOAD],
             warned: false,
         })
@@ -174,7 +183,16 @@ impl Vsock {
         if self.transport_reset_pending && self.send_transport_reset() {
             self.transport_reset_pending = false;
         }
-        let active = self.running.is_some();
+        if let (Some((avail, sent)), Some(r)) = (self.reset_sent, &self.running) {
+            let now = r.queues[EVENT]
+                .avail_idx(&r.mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| i.0);
+            if now.is_ok_and(|i| i != avail) || sent.elapsed() > RESET_GRACE {
+                self.reset_sent = None;
+            }
+        }
+        let active =
+            self.running.is_some() && !self.transport_reset_pending && self.reset_sent.is_none();
         match token {
             0..=2 => {
                 // Notifications before DRIVER_OK are dropped: nothing to serve yet.
@@ -216,6 +234,12 @@ impl Vsock {
         if queue.add_used(mem, head, written).is_ok() {
             signal_used_if_needed(queue, mem, &r.interrupt);
         }
+        // Told when the driver gives the buffer back (see `reset_sent`).
+        let _ = queue.enable_notification(mem);
+        let avail = queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(0, |i| i.0);
+        self.reset_sent = Some((avail, std::time::Instant::now()));
         log::info!("virtio-vsock: transport reset sent to the driver");
         true
     }
