@@ -323,6 +323,7 @@ mod tests {
             Kind::Hello,
             &Hello {
                 version: protocol::VERSION,
+                ..Default::default()
             },
         )
         .unwrap();
