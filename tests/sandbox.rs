@@ -79,25 +79,70 @@ fn sandbox(args: &[&str], input: &[u8]) -> Run {
 #[test]
 #[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
 fn output_input_and_status_cross_the_vm() {
-    let r = sandbox(
-        &[
+    // From the cached snapshot (the default), then booted: the same.
+    for how in [&[][..], &["--no-snapshot"][..]] {
+        let mut args = how.to_vec();
+        args.extend([
             "--env",
             "GREETING=hello there",
             "--",
             "sh",
             "-c",
             "echo \"$GREETING\"; echo to-stderr >&2; cat; uname -s; exit 42",
-        ],
-        b"piped input\nsecond line\n",
-    );
-    let stdout = String::from_utf8_lossy(&r.stdout);
-    assert_eq!(r.status, 42, "stdout {stdout}\nstderr {}", r.stderr);
-    assert_eq!(
-        stdout, "hello there\npiped input\nsecond line\nLinux\n",
-        "stderr {}",
-        r.stderr
-    );
-    assert_eq!(r.stderr, "to-stderr\n");
+        ]);
+        let r = sandbox(&args, b"piped input\nsecond line\n");
+        let stdout = String::from_utf8_lossy(&r.stdout);
+        assert_eq!(
+            r.status, 42,
+            "{how:?}: stdout {stdout}\nstderr {}",
+            r.stderr
+        );
+        assert_eq!(
+            stdout, "hello there\npiped input\nsecond line\nLinux\n",
+            "{how:?}: stderr {}",
+            r.stderr
+        );
+        // ligera's own lines, if this run made the snapshot, then the command's.
+        let command_stderr: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| !l.starts_with("ligera: booting the sandbox VM once"))
+            .filter(|l| !l.starts_with("ligera: sandbox snapshot ready"))
+            .collect();
+        assert_eq!(command_stderr, ["to-stderr"], "{how:?}");
+    }
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn sandboxes_from_one_snapshot_get_fresh_randomness_and_the_time() {
+    let script =
+        "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1; date +%s";
+    let runs: Vec<Vec<String>> = (0..2)
+        .map(|_| {
+            let r = sandbox(&["--", "sh", "-c", script], b"");
+            assert_eq!(r.status, 0, "{}", r.stderr);
+            String::from_utf8_lossy(&r.stdout)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .collect()
+        })
+        .collect();
+    // Both are clones of one booted VM (same boot id), yet their random
+    // numbers differ (the agent reseeded the RNG), and their clocks say now.
+    assert_eq!(runs[0][0], runs[1][0], "{runs:?}");
+    assert_ne!(runs[0][1], runs[1][1], "{runs:?}");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for r in &runs {
+        let guest: u64 = r[2].parse().unwrap();
+        assert!(
+            host.abs_diff(guest) < 120,
+            "guest clock {guest}, host {host}"
+        );
+    }
 }
 
 #[test]

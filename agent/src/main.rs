@@ -430,56 +430,6 @@ impl ReadTimeout for File {
     }
 }
 
-/// Mixes the host's seed (hex) into the kernel's random pool and reseeds
-/// the generator from it (RNDADDENTROPY, RNDRESEEDCRNG on /dev/urandom).
-fn reseed(hex: &str) {
-    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-    let bytes: Vec<u8> = (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    if bytes.len() != protocol::SEED_BYTES || hex.len() != 2 * protocol::SEED_BYTES {
-        eprintln!("agent: ignoring a malformed seed");
-        return;
-    }
-    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
-    let mut info = Vec::with_capacity(8 + bytes.len());
-    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
-    info.extend_from_slice(&bytes);
-    let Ok(urandom) = std::fs::OpenOptions::new().write(true).open("/dev/urandom") else {
-        eprintln!("agent: cannot open /dev/urandom to reseed it");
-        return;
-    };
-    // SAFETY: both ioctls read only the buffer given (a rand_pool_info
-    // whose buf_size matches its data) or nothing.
-    let ok = unsafe {
-        libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) == 0
-            && libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) == 0
-    };
-    if !ok {
-        eprintln!(
-            "agent: cannot reseed the RNG: {}",
-            io::Error::last_os_error()
-        );
-    }
-}
-
-/// Sets the guest's wall clock to the host's time.
-fn set_clock(ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: clock_settime reads the timespec we pass.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        eprintln!(
-            "agent: cannot set the clock: {}",
-            io::Error::last_os_error()
-        );
-    }
-}
-
 fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), FrameError> {
     let hello: Hello = read_frame(input)?.expect(Kind::Hello)?.json()?;
     if hello.version != protocol::VERSION {
@@ -492,18 +442,11 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             ),
         });
     }
-    if let Some(seed) = &hello.seed {
-        reseed(seed);
-    }
-    if let Some(ns) = hello.time_ns {
-        set_clock(ns);
-    }
     send_json(
         out,
         Kind::Hello,
         &Hello {
             version: protocol::VERSION,
-            ..Default::default()
         },
     )?;
     let first = read_frame(input)?;
@@ -831,6 +774,14 @@ fn apply_setup(setup: &Setup) -> io::Result<()> {
         const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
         // SAFETY: the ioctl reads a rand_pool_info of the length it declares.
         if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // And reseed from the pool now, not at the next scheduled reseed:
+        // clones of one snapshot must part ways from the next random byte.
+        // RNDRESEEDCRNG = _IO('R', 0x07)
+        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+        // SAFETY: the ioctl takes no argument.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }

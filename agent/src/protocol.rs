@@ -197,25 +197,11 @@ impl Frame {
 }
 
 /// The first message each way.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
     pub version: u32,
-    /// Host to agent: 32 fresh random bytes (hex) that the agent mixes into
-    /// the kernel's random pool before reseeding it. A VM restored from a
-    /// snapshot would otherwise hand out the snapshot's random numbers
-    /// again, in every clone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<String>,
-    /// Host to agent: the host's wall-clock time (nanoseconds since the
-    /// epoch), which the agent sets the guest's clock to (a restored VM's
-    /// clock says when its snapshot was taken).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_ns: Option<u64>,
 }
-
-/// Bytes of [`Hello::seed`].
-pub const SEED_BYTES: usize = 32;
 
 /// Run a command.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,15 +339,7 @@ mod tests {
     fn frames_round_trip() {
         let mut buf = Vec::new();
         write_frame(&mut buf, Kind::Stdout, b"hello").unwrap();
-        write_json(
-            &mut buf,
-            Kind::Hello,
-            &Hello {
-                version: VERSION,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        write_json(&mut buf, Kind::Hello, &Hello { version: VERSION }).unwrap();
         let mut r = &buf[..];
         let f = read_frame(&mut r).unwrap();
         assert_eq!(

@@ -67,15 +67,7 @@ fn exec_when(
 ) -> (Vec<u8>, Vec<u8>, ExitStatus) {
     let mut s = UnixStream::connect(&a.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write_json(
-        &mut s,
-        Kind::Hello,
-        &Hello {
-            version: VERSION,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    write_json(&mut s, Kind::Hello, &Hello { version: VERSION }).unwrap();
     let hello: Hello = read_frame(&mut s)
         .unwrap()
         .expect(Kind::Hello)

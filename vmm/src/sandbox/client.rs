@@ -67,6 +67,34 @@ fn try_connect(socket: &Path) -> io::Result<UnixStream> {
     Ok(s)
 }
 
+/// Brings the guest up to date (a restored one wakes with its snapshot's
+/// clock and random pool): sets its clock to ours and mixes 64 fresh bytes
+/// from our `getrandom` into its RNG, which the agent then reseeds.
+pub fn refresh(stream: UnixStream) -> Result<(), ClientError> {
+    let mut entropy = vec![0u8; 64];
+    // SAFETY: getrandom writes at most `entropy.len()` bytes into it.
+    let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    if got != entropy.len() as isize {
+        return Err(ClientError::Io(io::Error::last_os_error()));
+    }
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok());
+    let setup = Setup {
+        realtime_ns,
+        entropy,
+    };
+    let status = run_session(stream, Request::Setup(&setup), None, io::sink(), io::sink())?;
+    match status.error {
+        Some(e) => Err(ClientError::Agent(format!(
+            "setting the guest up: {}",
+            e.message
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Checks that the agent answers (the Hello exchange), then hangs up.
 pub fn ping(mut stream: UnixStream) -> Result<(), ClientError> {
     hello(&mut stream)
@@ -74,24 +102,11 @@ pub fn ping(mut stream: UnixStream) -> Result<(), ClientError> {
 
 /// The Hello exchange that opens every session.
 fn hello(s: &mut UnixStream) -> Result<(), ClientError> {
-    // Fresh entropy and the time with every session: a VM restored from a
-    // snapshot starts with the snapshot's random pool and clock.
-    let mut seed = [0u8; protocol::SEED_BYTES];
-    // SAFETY: getrandom writes at most `seed.len()` bytes into `seed`.
-    let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    let seed = (got == seed.len() as isize)
-        .then(|| seed.iter().map(|b| format!("{b:02x}")).collect::<String>());
-    let time_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|d| u64::try_from(d.as_nanos()).ok());
     write_json(
         s,
         Kind::Hello,
         &Hello {
             version: protocol::VERSION,
-            seed,
-            time_ns,
         },
     )?;
     let hello: Hello = read_frame(s)?.expect(Kind::Hello)?.json()?;
@@ -323,7 +338,6 @@ mod tests {
             Kind::Hello,
             &Hello {
                 version: protocol::VERSION,
-                ..Default::default()
             },
         )
         .unwrap();
@@ -371,15 +385,7 @@ mod tests {
             ),
             ("a wrong hello", {
                 let mut v = Vec::new();
-                write_json(
-                    &mut v,
-                    Kind::Hello,
-                    &Hello {
-                        version: 99,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+                write_json(&mut v, Kind::Hello, &Hello { version: 99 }).unwrap();
                 v
             }),
         ];

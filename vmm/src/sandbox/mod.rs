@@ -442,15 +442,20 @@ pub fn run(args: SandboxRunArgs) -> i32 {
                     return;
                 }
                 let stopped = || control.state() == crate::vm::VmState::Stopped;
-                let result = client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(|s| {
-                    client::run_command(
-                        s,
-                        &request,
-                        Some(Box::new(std::io::stdin())),
-                        std::io::stdout(),
-                        std::io::stderr(),
-                    )
-                });
+                // The guest first gets our time and fresh entropy (a
+                // restored one has its snapshot's), then the command.
+                let result = client::connect(&socket, BOOT_TIMEOUT, stopped)
+                    .and_then(client::refresh)
+                    .and_then(|()| client::connect(&socket, BOOT_TIMEOUT, stopped))
+                    .and_then(|s| {
+                        client::run_command(
+                            s,
+                            &request,
+                            Some(Box::new(std::io::stdin())),
+                            std::io::stdout(),
+                            std::io::stderr(),
+                        )
+                    });
                 *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                 finished.store(true, Ordering::SeqCst);
                 control.request_stop(ExitReason::Stopped);

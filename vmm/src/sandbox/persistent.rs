@@ -303,7 +303,8 @@ pub fn serve(args: ServeArgs) -> i32 {
                 return;
             }
             let stopped = || control.state() == crate::vm::VmState::Stopped;
-            match client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(client::ping) {
+            // Ready once the agent answers and has the time and fresh entropy.
+            match client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(client::refresh) {
                 Ok(()) => {
                     let _ = (&ready).write_all(READY);
                 }
