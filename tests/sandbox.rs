@@ -116,8 +116,7 @@ fn output_input_and_status_cross_the_vm() {
 #[test]
 #[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
 fn sandboxes_from_one_snapshot_get_fresh_randomness_and_the_time() {
-    let script =
-        "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1; date +%s";
+    let script = "head -c 16 /dev/urandom | od -An -tx1; date +%s";
     let runs: Vec<Vec<String>> = (0..2)
         .map(|_| {
             let r = sandbox(&["--", "sh", "-c", script], b"");
@@ -128,16 +127,16 @@ fn sandboxes_from_one_snapshot_get_fresh_randomness_and_the_time() {
                 .collect()
         })
         .collect();
-    // Both are clones of one booted VM (same boot id), yet their random
-    // numbers differ (the agent reseeded the RNG), and their clocks say now.
-    assert_eq!(runs[0][0], runs[1][0], "{runs:?}");
-    assert_ne!(runs[0][1], runs[1][1], "{runs:?}");
+    // Both are clones of one booted VM, whose RNG state they restored;
+    // yet their random numbers differ (the agent reseeded the RNG), and
+    // their clocks say now, not when the snapshot was taken.
+    assert_ne!(runs[0][0], runs[1][0], "{runs:?}");
     let host = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     for r in &runs {
-        let guest: u64 = r[2].parse().unwrap();
+        let guest: u64 = r[1].parse().unwrap_or_else(|e| panic!("{e}: {runs:?}"));
         assert!(
             host.abs_diff(guest) < 120,
             "guest clock {guest}, host {host}"

@@ -87,6 +87,13 @@ impl I8042 {
         }
     }
 
+    /// Interrupts the guest again if bytes wait for it (after a restore).
+    pub fn resend_interrupt(&self) {
+        if !self.output.is_empty() {
+            self.interrupt();
+        }
+    }
+
     pub fn restore(&mut self, s: &I8042Snapshot) -> Result<(), String> {
         if s.output.len() > OUTPUT_LIMIT {
             return Err(format!(

@@ -109,6 +109,16 @@ impl SerialConsole {
         }
     }
 
+    /// Interrupts the guest again if the UART has an interrupt pending
+    /// (IIR bit 0 clear), after a restore.
+    pub fn resend_interrupt(&self) {
+        if self.uart.state().interrupt_identification & 1 == 0
+            && let Err(e) = self.uart.interrupt_evt().trigger()
+        {
+            log::warn!("serial: cannot raise the interrupt: {e}");
+        }
+    }
+
     /// Puts the UART in the state `s`, keeping its interrupt, events and output.
     pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
         if s.in_buffer.len() > FIFO_SIZE {

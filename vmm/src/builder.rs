@@ -198,6 +198,13 @@ fn restore(config: &VmConfig, source: &crate::config::RestoreConfig) -> Result<V
         .restore(&saved.i8042)
         .map_err(&mismatch)?;
     snapshot::kvm::restore_vm(&vm, &snapshot.vm).map_err(&mismatch)?;
+    // Interrupts the guest had not taken yet go again, into the restored
+    // controllers (an edge in flight when the snapshot was taken is lost).
+    for slot in &devices.virtio {
+        devices::bus::lock(&slot.transport).resend_interrupt();
+    }
+    devices::bus::lock(&devices.serial).resend_interrupt();
+    devices::bus::lock(&devices.i8042).resend_interrupt();
     let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
     for (index, state) in snapshot.vcpus.iter().enumerate() {
         let vcpu = Vcpu::new(

@@ -52,7 +52,15 @@ impl HostQuirks {
 /// instructions while CPUID still reports them: clear those feature bits in
 /// the guest (Linux 6.1 honours only the last `clearcpuid=`, so it is one list).
 /// Measured on these machines; see resources/guest-kernel/README.md.
-pub const EMULATING_HOST_CMDLINE: &str = "clearcpuid=151,154,155,156,293,304,147,148,137,153,140,150,157,158,291,296,297,580,308,295,288,145,298,306,307,311,312,317,534,514";
+///
+/// `tsc=unstable`: this host gives the guest the host's own TSC, whatever
+/// the VMM sets (`KVM_SET_MSRS` of the TSC does not move it; measured), so
+/// a guest restored from a snapshot would see its TSC clocksource leap by
+/// the snapshot's age, and past about 15 minutes (the TSC clocksource's
+/// `max_idle_ns`) its timekeeping breaks and it stops answering. With the
+/// TSC marked unstable the guest keeps time with kvm-clock, which the
+/// snapshot restores (`KVM_SET_CLOCK`), and goes on from the snapshot.
+pub const EMULATING_HOST_CMDLINE: &str = "clearcpuid=151,154,155,156,293,304,147,148,137,153,140,150,157,158,291,296,297,580,308,295,288,145,298,306,307,311,312,317,534,514 tsc=unstable";
 
 /// Whether the host KVM is the nested `kvm_pvm` module, which runs a
 /// normal guest through its instruction emulator and never completes a

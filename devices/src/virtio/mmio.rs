@@ -298,6 +298,16 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Raises the interrupt again if the driver has not acknowledged it
+    /// (after a restore: an edge sent just before the snapshot may not have
+    /// reached the interrupt controller whose state the snapshot kept).
+    pub fn resend_interrupt(&self) {
+        let status = self.interrupt.status();
+        if status != 0 {
+            self.interrupt.raise(status);
+        }
+    }
+
     /// Reports a driver mistake: the first as a warning, the rest at debug level.
     fn driver_error(&mut self, message: std::fmt::Arguments) {
         if self.warned {

@@ -126,6 +126,8 @@ pub fn save_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, String> {
     })
 }
 
+const MSR_IA32_TSC: u32 = 0x10;
+
 /// Most MSRs one KVM_GET_MSRS/KVM_SET_MSRS call takes here.
 const MSR_CHUNK: usize = 64;
 
@@ -209,6 +211,16 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     }
     fd.set_vcpu_events(&from_bytes(&s.vcpu_events, "vCPU events")?)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    if let Some(&(_, saved)) = s.msrs.iter().find(|(i, _)| *i == MSR_IA32_TSC)
+        && let Ok(now) = read_msrs(fd, &[MSR_IA32_TSC])
+    {
+        // Hosts that do not offset the guest's TSC (the nested kvm_pvm one)
+        // leave it at theirs: see host::EMULATING_HOST_CMDLINE.
+        log::debug!(
+            "snapshot: guest TSC saved {saved:#x}, now {:#x}",
+            now.first().map_or(0, |m| m.1)
+        );
+    }
     Ok(())
 }
 
