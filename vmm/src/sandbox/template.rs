@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::api::client::{fault_message, request, request_with_fds};
+use crate::api::client::{fault_message, request};
 use crate::config::{RestoreConfig, SerialConfig, VmConfig};
 
 /// A template's files.
@@ -310,24 +310,12 @@ fn snapshot_when_ready(
     if status != 204 {
         return Err(format!("cannot pause it: {}", fault_message(&body)));
     }
-    let state = std::fs::File::create(dir.join("state")).map_err(|e| e.to_string())?;
-    let memory = std::fs::File::create(dir.join("memory")).map_err(|e| e.to_string())?;
-    use std::os::fd::AsRawFd;
-    let (status, body) = request_with_fds(
+    crate::snapshot::cli::write_snapshot(
         api,
-        "PUT",
-        "/snapshot/create",
-        Some(&json!({
-            "snapshot_path": dir.join("state"),
-            "mem_file_path": dir.join("memory"),
-        })),
-        &[state.as_raw_fd(), memory.as_raw_fd()],
-        Duration::from_secs(600),
-    )?;
-    if status != 204 {
-        return Err(fault_message(&body));
-    }
-    Ok(())
+        &dir.join("state"),
+        &dir.join("memory"),
+        crate::snapshot::cli::SNAPSHOT_TIMEOUT,
+    )
 }
 
 /// Copies `from` to `to` (replaced), keeping its holes: only the data

@@ -14,7 +14,7 @@ use crate::config::{RestoreConfig, VmConfig};
 use crate::exit::{EXIT_OK, EXIT_USAGE, EXIT_VMM_ERROR};
 
 /// How long a snapshot may take to write (guest RAM is written whole).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SHORT: Duration = Duration::from_secs(10);
 
 /// A path as the VM process opens it: absolute, from our working directory.
@@ -56,33 +56,7 @@ fn create_inner(args: &SnapshotCreateArgs) -> Result<(), String> {
             return Err(format!("cannot pause the VM: {}", fault_message(&body)));
         }
     }
-    // The files are ours, opened here and handed over: the VM, jailed,
-    // could not open them itself.
-    let open = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))
-    };
-    let files = open(&state).and_then(|s| Ok((s, open(&memory)?)));
-    let result = files.and_then(|(s, m)| {
-        request_with_fds(
-            sock,
-            "PUT",
-            "/snapshot/create",
-            Some(&json!({
-                "snapshot_type": "Full",
-                "snapshot_path": state,
-                "mem_file_path": memory,
-            })),
-            &[s.as_raw_fd(), m.as_raw_fd()],
-            SNAPSHOT_TIMEOUT,
-        )
-    });
+    let result = write_snapshot(sock, &state, &memory, SNAPSHOT_TIMEOUT);
     if was_running {
         let resumed = request(
             sock,
@@ -97,17 +71,50 @@ fn create_inner(args: &SnapshotCreateArgs) -> Result<(), String> {
             Err(e) => eprintln!("ligera: cannot resume the VM: {e}"),
         }
     }
-    let outcome = match result {
-        Ok((204, _)) => Ok(()),
-        Ok((_, body)) => Err(fault_message(&body)),
-        Err(e) => Err(e),
-    };
-    if outcome.is_err() {
+    if result.is_err() {
         // No half-written snapshot is left to be restored later.
         let _ = std::fs::remove_file(&state);
         let _ = std::fs::remove_file(&memory);
     }
-    outcome
+    result
+}
+
+/// Has the paused VM on control socket `sock` write its snapshot to
+/// `state` and `memory`, which we open (created or replaced, mode 0600)
+/// and hand over: the VM, jailed, could not open them itself.
+pub fn write_snapshot(
+    sock: &Path,
+    state: &Path,
+    memory: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (s, m) = (open(state)?, open(memory)?);
+    let (status, body) = request_with_fds(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({
+            "snapshot_type": "Full",
+            "snapshot_path": state,
+            "mem_file_path": memory,
+        })),
+        &[s.as_raw_fd(), m.as_raw_fd()],
+        timeout,
+    )?;
+    if status != 204 {
+        return Err(fault_message(&body));
+    }
+    Ok(())
 }
 
 /// `ligera snapshot restore`: the snapshot's configuration with this

@@ -300,26 +300,22 @@ pub fn map_memory(
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (start, size) in layout.ram_regions() {
-        let map_err = |e: &dyn std::fmt::Display| SnapshotError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("cannot map guest memory: {e}"),
-        };
         let dup = file.try_clone().map_err(io_err(path))?;
         let region = MmapRegionBuilder::new(size as usize)
             .with_file_offset(FileOffset::new(dup, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| map_err(&e))?;
+            .map_err(|e| map_err(path, &e))?;
         let region = GuestRegionMmap::new(region, start)
-            .ok_or_else(|| map_err(&"the region does not fit the address space"))?;
+            .ok_or_else(|| map_err(path, &"the region does not fit the address space"))?;
         regions.push(region);
         offset += size;
     }
-    arch::GuestMemoryMmap::from_regions(regions).map_err(|e| map_err_static(path, &e))
+    arch::GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(path, &e))
 }
 
-fn map_err_static(path: &Path, e: &dyn std::fmt::Display) -> SnapshotError {
+fn map_err(path: &Path, e: &dyn std::fmt::Display) -> SnapshotError {
     SnapshotError::Invalid {
         path: path.to_path_buf(),
         reason: format!("cannot map guest memory: {e}"),
