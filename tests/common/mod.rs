@@ -230,7 +230,12 @@ fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>
 
 /// Starts `ligera` with `args`; stdin is a pipe the test can write to.
 pub fn spawn(args: &[&str]) -> Running {
-    let mut child = Command::new(LIGERA)
+    spawn_program(Path::new(LIGERA), args)
+}
+
+/// Starts `program` (ligera under another name) with `args`, as [`spawn`].
+pub fn spawn_program(program: &Path, args: &[&str]) -> Running {
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -9,7 +9,8 @@
  * (synchronous disk writes all the time while echoing vsock bytes)
  * (write to N MiB of RAM), "test=virtio" (every
  * virtio device on the command line), "test=hostile" (a misbehaving driver
- * against the first virtio device).
+ * against the first virtio device), "test=boottimer" (writes 123 to
+ * Firecracker's boot timer at 0xd0000000).
  *
  * Freestanding: no libc, no SSE, no interrupts; only port I/O and memory.
  */
@@ -505,6 +506,10 @@ void guest_main(u64 boot_info, u64 kind)
 					say("KBD %x\n", (u64)inb(0x60));
 			}
 		}
+	} else if (starts_with(test, "boottimer")) {
+		/* Firecracker's boot timer: "booted" is 123 written to its window. */
+		*(volatile u8 *)0xd0000000UL = 123;
+		say("BOOTTIMER written\n");
 	} else if (starts_with(test, "hang")) {
 		say("HANG\n");
 		for (;;)

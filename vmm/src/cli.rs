@@ -58,6 +58,9 @@ pub enum Command {
     /// Save a running microVM to files, or start one from them.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Take Firecracker's command line and serve its API (as a link named
+    /// `firecracker` to ligera does).
+    Firecracker(crate::firecracker::FirecrackerArgs),
 }
 
 #[derive(Debug, Subcommand)]

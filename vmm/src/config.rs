@@ -62,6 +62,10 @@ pub struct DiskConfig {
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    /// The interface's name in the Firecracker API (`iface_id`), kept so a
+    /// snapshot's `network_overrides` can name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// A vsock device with a hybrid-vsock Unix socket on the host (`--vsock`).
@@ -98,6 +102,10 @@ pub struct VmConfig {
     /// Start from a snapshot instead of booting the kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreConfig>,
+    /// Firecracker's boot timer (`--boot-timer`): the first MMIO window
+    /// logs the time to a guest's "boot done" write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_timer: bool,
 }
 
 /// The files of a snapshot to restore (`ligera snapshot restore`).
@@ -190,20 +198,8 @@ impl VmConfig {
         }
         for (i, nic) in self.nets.iter().enumerate() {
             let t = &nic.tap;
-            if t.is_empty()
-                || t.len() > MAX_TAP_NAME
-                || t == "."
-                || t == ".."
-                || !t
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
-            {
-                return bad(
-                    "--net",
-                    format!(
-                        "tap name '{t}' must be 1 to {MAX_TAP_NAME} printable characters without '/' or ':'"
-                    ),
-                );
+            if let Err(problem) = check_tap_name(t) {
+                return bad("--net", problem);
             }
             if self.nets[..i].iter().any(|other| &other.tap == t) {
                 return bad("--net", format!("tap {t} is given twice"));
@@ -263,11 +259,29 @@ impl VmConfig {
             api_socket: None,
             seccomp: true,
             restore: None,
+            boot_timer: false,
         }
     }
 }
 
-fn check_socket_path(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
+/// A TAP interface name: 1 to 15 printable characters without '/' or ':'.
+pub fn check_tap_name(t: &str) -> Result<(), String> {
+    if t.is_empty()
+        || t.len() > MAX_TAP_NAME
+        || t == "."
+        || t == ".."
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+    {
+        return Err(format!(
+            "tap name '{t}' must be 1 to {MAX_TAP_NAME} printable characters without '/' or ':'"
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_socket_path(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let len = path.as_os_str().as_bytes().len();
     if len == 0 {
@@ -349,6 +363,7 @@ mod tests {
         let nic = |tap: &str, mac: Option<[u8; 6]>| NetConfig {
             tap: tap.into(),
             mac,
+            id: None,
         };
         let vsock = |cid: u32, socket: &str| VsockConfig {
             cid,

@@ -16,7 +16,9 @@ use std::thread::JoinHandle;
 
 use arch::layout::VIRTIO_MMIO_START;
 use devices::Bus;
-use devices::legacy::{I8042, I8042_IRQ, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic};
+use devices::legacy::{
+    BootTimer, I8042, I8042_IRQ, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, PvPanic,
+};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN, SerialConsole};
 use devices::virtio::block::{Block, disk::DiskImage};
 use devices::virtio::runner::{DeviceMailbox, VirtioRunner};
@@ -85,12 +87,22 @@ impl DeviceManager {
         events: &mut EventLoop,
     ) -> Result<(DeviceManager, Option<Console>)> {
         let mut mmio = Bus::new();
+        // Firecracker's boot timer takes the first window; the guest finds
+        // it where Firecracker puts it.
+        if config.boot_timer {
+            mmio.insert(
+                Arc::new(Mutex::new(BootTimer::new(crate::logger::started()))),
+                VIRTIO_MMIO_START,
+                virtio::mmio::WINDOW_SIZE,
+            )?;
+        }
         let mut placer = VirtioPlacer {
             vm,
             mem,
             mmio: &mut mmio,
             slots: Vec::new(),
             threads: Vec::new(),
+            skipped_windows: u64::from(config.boot_timer),
         };
         if config.rng {
             let rng = Rng::new().map_err(BuildError::EventFd)?;
@@ -287,6 +299,8 @@ struct VirtioPlacer<'a> {
     mmio: &'a mut Bus,
     slots: Vec<VirtioSlot>,
     threads: Vec<DeviceThread>,
+    /// Windows before the first virtio device's (the boot timer's).
+    skipped_windows: u64,
 }
 
 impl VirtioPlacer<'_> {
@@ -302,7 +316,8 @@ impl VirtioPlacer<'_> {
                 VIRTIO_LAST_GSI - VIRTIO_FIRST_GSI + 1,
             ));
         }
-        let base = VIRTIO_MMIO_START + u64::from(index) * virtio::mmio::WINDOW_SIZE;
+        let base = VIRTIO_MMIO_START
+            + (self.skipped_windows + u64::from(index)) * virtio::mmio::WINDOW_SIZE;
         let name = format!("{kind}@{base:#x}");
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;

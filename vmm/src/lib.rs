@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod device_manager;
 pub mod exit;
+pub mod firecracker;
 pub mod host;
 pub mod image;
 pub mod jail;

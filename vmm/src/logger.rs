@@ -1,6 +1,10 @@
-//! A minimal logger to stderr: `ligera: <level>: <message>`.
+//! A minimal logger: `ligera: <level>: <message>` lines to stderr, or to
+//! a file or pipe once [`set_file`] names one (Firecracker's `--log-path`).
 
-use std::sync::OnceLock;
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -8,6 +12,20 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 struct StderrLogger;
 
 static START: OnceLock<Instant> = OnceLock::new();
+/// Where lines go instead of stderr, if set.
+static FILE: Mutex<Option<File>> = Mutex::new(None);
+/// Whether lines name the source file and line they come from.
+static SHOW_ORIGIN: AtomicBool = AtomicBool::new(false);
+
+/// Sends log lines to `file` from now on.
+pub fn set_file(file: File) {
+    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+}
+
+/// Whether lines carry their source file and line.
+pub fn show_origin(on: bool) {
+    SHOW_ORIGIN.store(on, Ordering::Relaxed);
+}
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
@@ -37,9 +55,17 @@ impl Log for StderrLogger {
                 }
                 _ => String::new(),
             };
+            let origin = match (SHOW_ORIGIN.load(Ordering::Relaxed), record.file()) {
+                (true, Some(file)) => format!("{file}:{}: ", record.line().unwrap_or(0)),
+                _ => String::new(),
+            };
             // One write per line, so lines from different threads don't mix.
-            let line = format!("ligera: {when}{level}: {}\n", record.args());
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            let line = format!("ligera: {when}{level}: {origin}{}\n", record.args());
+            let mut file = FILE.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = match file.as_mut() {
+                Some(f) => f.write_all(line.as_bytes()),
+                None => std::io::stderr().lock().write_all(line.as_bytes()),
+            };
         }
     }
 
@@ -47,6 +73,11 @@ impl Log for StderrLogger {
 }
 
 static LOGGER: StderrLogger = StderrLogger;
+
+/// When the process started (when the logger was set up, first thing).
+pub fn started() -> Instant {
+    *START.get_or_init(Instant::now)
+}
 
 pub fn init(level: LevelFilter) {
     START.get_or_init(Instant::now);

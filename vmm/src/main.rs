@@ -16,6 +16,16 @@ fn main() {
 }
 
 fn run() -> i32 {
+    if vmm::firecracker::invoked_as_firecracker() {
+        use clap::Parser as _;
+        return match vmm::firecracker::FirecrackerArgs::try_parse() {
+            Ok(args) => {
+                logger::init(log::LevelFilter::Warn);
+                vmm::firecracker::main(args)
+            }
+            Err(e) => usage_error(e),
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -25,6 +35,7 @@ fn run() -> i32 {
         Command::Run(args) => run_vm(args),
         Command::Image(cmd) => image_command(cmd),
         Command::Bench(args) => vmm::bench::bench(args),
+        Command::Firecracker(args) => vmm::firecracker::main(args),
         Command::Snapshot(vmm::cli::SnapshotCommand::Create(args)) => {
             vmm::snapshot::cli::create(args)
         }

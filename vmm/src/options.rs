@@ -67,7 +67,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     let o = Options::parse(text, &["tap", "mac"])?;
     let tap = o.required("tap")?.to_string();
     let mac = o.get("mac").map(parse_mac).transpose()?;
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig { tap, mac, id: None })
 }
 
 /// A MAC address like `02:00:00:00:00:01` (whether it is usable is for

@@ -25,7 +25,7 @@ use crate::terminal::RawTerminal;
 use crate::vcpu::{LifecycleError, Vcpu, VcpuHandle, kick_signal, kicked};
 
 /// Signals that stop the VM cleanly.
-const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+pub(crate) const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// The serial console wired to stdin/stdout.
 pub struct Console {
@@ -166,6 +166,10 @@ pub struct Vm {
     mem: arch::GuestMemoryMmap,
     /// The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
     msr_list: Arc<Vec<u32>>,
+    /// Start with every vCPU paused (a snapshot loaded without resuming).
+    start_paused: bool,
+    /// Called once the vCPU threads run (or wait, paused).
+    on_start: Option<Box<dyn FnOnce() + Send>>,
     _kvm: Kvm,
 }
 
@@ -194,8 +198,21 @@ impl Vm {
             vm: Arc::new(p.vm),
             mem: p.mem,
             msr_list: Arc::new(p.msr_list),
+            start_paused: false,
+            on_start: None,
             _kvm: p.kvm,
         }
+    }
+
+    /// Has [`Vm::run`] start the vCPUs paused: the VM is Paused until
+    /// resumed through its [`VmControl`].
+    pub fn start_paused(&mut self) {
+        self.start_paused = true;
+    }
+
+    /// Calls `f` once the vCPU threads have started (not if they never do).
+    pub fn on_start(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_start = Some(Box::new(f));
     }
 
     /// The handle to pause, resume or stop this VM from another thread.
@@ -273,7 +290,7 @@ impl Vm {
             let mut state = lock(&self.control.state);
             let mut handles = lock(&self.control.vcpus);
             for vcpu in self.unstarted.drain(..) {
-                match vcpu.start(false) {
+                match vcpu.start(self.start_paused) {
                     Ok(handle) => handles.push(handle),
                     Err(e) => {
                         self.exit.request(ExitReason::VmmError(e.to_string()));
@@ -281,9 +298,18 @@ impl Vm {
                     }
                 }
             }
-            *state = VmState::Running;
+            *state = if self.start_paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
         }
         log::debug!("vCPUs started");
+        if let Some(f) = self.on_start.take()
+            && !self.exit.is_stopping()
+        {
+            f();
+        }
         crate::seccomp::install(crate::seccomp::Role::Vmm)?;
 
         let result = event_loop(&mut self.events, self.exit.clone(), signals);
@@ -430,7 +456,7 @@ unsafe fn raw_syscall(nr: libc::c_long, args: [u64; 3]) -> i64 {
 }
 
 /// A signalfd for `signals` (which must be blocked).
-fn signal_fd(signals: &[i32]) -> Result<File, String> {
+pub(crate) fn signal_fd(signals: &[i32]) -> Result<File, String> {
     let set = vmm_sys_util::signal::create_sigset(signals)
         .map_err(|e| format!("cannot build a signal set: {e}"))?;
     // SAFETY: `set` is a valid sigset; signalfd returns a new descriptor or -1.

@@ -112,6 +112,11 @@ fn body<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, Response> {
 }
 
 impl VmApi {
+    /// The VM's state now.
+    pub fn state(&self) -> VmState {
+        self.control.state()
+    }
+
     fn instance_info(&self) -> Response {
         let state = match self.control.state() {
             VmState::Configured => "Not started",
@@ -151,7 +156,7 @@ impl VmApi {
             .enumerate()
             .map(|(i, n)| {
                 json!({
-                    "iface_id": format!("net{i}"),
+                    "iface_id": n.id.clone().unwrap_or_else(|| format!("net{i}")),
                     "host_dev_name": n.tap,
                     "guest_mac": n.mac.map(|m| devices::virtio::net::format_mac(&m)),
                 })

@@ -140,6 +140,7 @@ fn parse_sandbox_net(text: &str) -> Result<SandboxNet, String> {
     let nic = crate::config::NetConfig {
         tap: o.required("tap")?.to_string(),
         mac: o.get("mac").map(crate::options::parse_mac).transpose()?,
+        id: None,
     };
     let ip = match (o.get("ip"), o.get("gw")) {
         (None, None) => None,
