@@ -1,7 +1,8 @@
 //! ligera as `firecracker`: a link of that name to the ligera binary takes
 //! Firecracker's command line and API. Driven with curl, as Firecracker's
-//! published API description says, against the test guest (and, with
-//! --include-ignored, a Linux guest).
+//! published API description says, against the test guest and (with
+//! --include-ignored) a Linux guest, which is snapshotted through the API
+//! and restored side by side by `firecracker` and `ligera snapshot restore`.
 
 mod common;
 
@@ -378,5 +379,164 @@ fn config_file_without_api_and_the_boot_timer() {
     assert!(out.stdout.starts_with("Firecracker v"), "{}", out.stdout);
     let out = spawn_program(&link, &["--seccomp-filter", "x"]).finish(Duration::from_secs(10));
     assert_eq!(out.status, 2, "{}", out.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The TICK lines of the Linux guest's loop: `(n, boot_id, disk text)`.
+fn ticks(output: &str) -> Vec<(u64, String, String)> {
+    output
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("TICK "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()?.to_string(),
+                w.next().unwrap_or("").to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
+fn linux_booted_through_the_api_is_snapshotted_and_restored_side_by_side() {
+    use common::linux::{BOOT_TIMEOUT, CMDLINE, busybox_initramfs, kernel, one_at_a_time};
+    use std::io::{Read, Write};
+    let _one = one_at_a_time();
+    let (dir, link) = work_dir("linux");
+    let disk = dir.join("disk");
+    let mut bytes = b"BEFORE-SNAPSHOT".to_vec();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&disk, &bytes).unwrap();
+    // Every second: a count, the boot id, and the disk's first bytes read
+    // past the page cache; a vsock echo server listens on port 5000.
+    let cmd = "vsock-echo 5000 & i=0; while :; do echo 1 > /proc/sys/vm/drop_caches; \
+               echo TICK $i $(cat /proc/sys/kernel/random/boot_id) $(head -c 15 /dev/vda); \
+               i=$((i+1)); sleep 1; done";
+    let boot_args = format!("{CMDLINE} ligera.cmd=\\\"{cmd}\\\"");
+    let sock = dir.join("api.sock");
+    let mut vm = start(&link, &sock, &["--id", "linux-1"]);
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{boot_args}"}}"#,
+            kernel("vmlinux").display(),
+            busybox_initramfs().display()
+        ),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+            disk.display()
+        ),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/vsock",
+        &format!(
+            r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+            dir.join("v.sock").display()
+        ),
+    );
+    ok(&sock, "PUT", "/entropy", "{}");
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    vm.wait_for("TICK 2 ", BOOT_TIMEOUT);
+
+    let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            memory.display()
+        ),
+    );
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let before = ticks(&vm.collect_for(Duration::from_millis(200)));
+    signal(&vm, libc::SIGTERM);
+    assert_eq!(vm.finish(Duration::from_secs(60)).status, 143);
+    let (last, boot_id, text) = before.last().cloned().unwrap();
+    assert_eq!(text, "BEFORE-SNAPSHOT");
+
+    // The disk changes under the clones: they read it anew. One clone is
+    // loaded by a second `firecracker`, one by `ligera snapshot restore`,
+    // side by side.
+    bytes[..15].copy_from_slice(b"AFTER-SNAPSHOT!");
+    std::fs::write(&disk, &bytes).unwrap();
+    let (v0, v1) = (dir.join("v0.sock"), dir.join("v1.sock"));
+    let sock2 = dir.join("api2.sock");
+    let loaded = start(&link, &sock2, &[]);
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "vsock_override": {{"uds_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            memory.display(),
+            v0.display()
+        ),
+    );
+    let restored = common::spawn(&[
+        "snapshot",
+        "restore",
+        "--state",
+        state.to_str().unwrap(),
+        "--memory",
+        memory.to_str().unwrap(),
+        "--vsock-socket",
+        v1.to_str().unwrap(),
+    ]);
+    let (_, text) = curl(&sock2, "GET", "/vm/config", None);
+    assert!(text.contains("\"drive_id\":\"data\""), "{text}");
+    let mut clones = [(loaded, v0), (restored, v1)];
+    for (clone, vsock) in &mut clones {
+        clone.wait_for("AFTER-SNAPSHOT!", BOOT_TIMEOUT);
+        let seen = ticks(&clone.collect_for(Duration::ZERO));
+        let (first, ..) = seen[0];
+        assert!(
+            first <= last + 2 && first + 2 >= last,
+            "the clone counts on from {last}, not from a boot: {seen:?}"
+        );
+        assert!(
+            seen.iter().all(|(_, id, _)| *id == boot_id),
+            "the same boot: {seen:?}"
+        );
+        // The guest's vsock listener survived; new connections work.
+        let mut s = common::connect_to_guest(vsock, 5000, Instant::now() + BOOT_TIMEOUT);
+        s.write_all(b"hello after restore").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echo = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = s.read_to_end(&mut echo);
+        assert_eq!(echo, b"hello after restore");
+    }
+    for (clone, _) in clones {
+        signal(&clone, libc::SIGTERM);
+        let out = clone.finish(Duration::from_secs(60));
+        assert_eq!(out.status, 143, "{out}");
+    }
+    assert!(!sock2.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,6 +3,8 @@
 //! processes (one after another and side by side), which go on counting
 //! from the snapshot point. Broken snapshots (cut short, corrupted, from a
 //! newer ligera, with the wrong memory file) are refused with a message.
+//! The Linux guest's snapshot (disk, vsock, clones side by side) is in
+//! tests/firecracker.rs, booted through Firecracker's API.
 
 mod common;
 
@@ -187,122 +189,4 @@ fn broken_snapshots_are_refused_with_the_reason() {
     let mut clone = restore(&dir, &[]);
     let c = counts(&clone.collect_for(Duration::from_secs(2)));
     assert!(c.len() > 3 && c[0] > 3, "{c:?}");
-}
-
-/// The TICK lines of the Linux guest's loop: `(n, boot_id, disk text)`.
-fn ticks(output: &str) -> Vec<(u64, String, String)> {
-    output
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("TICK "))
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            Some((
-                w.next()?.parse().ok()?,
-                w.next()?.to_string(),
-                w.next().unwrap_or("").to_string(),
-            ))
-        })
-        .collect()
-}
-
-#[test]
-#[ignore = "boots Linux: run with --include-ignored (resources/test.sh does)"]
-fn linux_guest_restored_side_by_side_keeps_counting_with_disk_and_vsock() {
-    use common::linux::{BOOT_TIMEOUT, CMDLINE, busybox_initramfs, kernel, one_at_a_time};
-    use std::io::{Read, Write};
-    let _one = one_at_a_time();
-    let dir = work_dir("linux");
-    let disk = dir.join("disk");
-    let mut bytes = b"BEFORE-SNAPSHOT".to_vec();
-    bytes.resize(1 << 20, 0);
-    std::fs::write(&disk, &bytes).unwrap();
-    // Every second: a count, the boot id, and the disk's first bytes read
-    // past the page cache; a vsock echo server listens on port 5000.
-    let cmd = "vsock-echo 5000 & i=0; while :; do echo 1 > /proc/sys/vm/drop_caches; \
-               echo TICK $i $(cat /proc/sys/kernel/random/boot_id) $(head -c 15 /dev/vda); \
-               i=$((i+1)); sleep 1; done";
-    let cmdline = format!("{CMDLINE} ligera.cmd=\"{cmd}\"");
-    let sock = dir.join("api.sock");
-    let kernel = kernel("vmlinux");
-    let initrd = busybox_initramfs();
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "128M",
-        "--cmdline",
-        &cmdline,
-        "--rng",
-        "--disk",
-        &format!("path={},readonly=on", disk.display()),
-        "--vsock",
-        &format!("cid=3,socket={}", dir.join("v.sock").display()),
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_for("TICK 2 ", BOOT_TIMEOUT);
-    let out = common::run(
-        &[
-            "snapshot",
-            "create",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--state",
-            dir.join("state").to_str().unwrap(),
-            "--memory",
-            dir.join("memory").to_str().unwrap(),
-        ],
-        Duration::from_secs(120),
-    );
-    assert_eq!(out.status, 0, "{out}");
-    let before = ticks(&vm.collect_for(Duration::from_millis(200)));
-    // SAFETY: kill(2) on a child we started.
-    unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
-    assert_eq!(vm.finish(Duration::from_secs(60)).status, 143);
-    let (last, boot_id, text) = before.last().cloned().unwrap();
-    assert_eq!(text, "BEFORE-SNAPSHOT");
-
-    // The disk changes under the clones: they read it anew.
-    bytes[..15].copy_from_slice(b"AFTER-SNAPSHOT!");
-    std::fs::write(&disk, &bytes).unwrap();
-    let mut clones: Vec<(Running, PathBuf)> = (0..2)
-        .map(|i| {
-            let vsock = dir.join(format!("v{i}.sock"));
-            let clone = restore(
-                &dir,
-                &["--vsock-socket", vsock.to_str().unwrap().to_string().leak()],
-            );
-            (clone, vsock)
-        })
-        .collect();
-    for (clone, vsock) in &mut clones {
-        clone.wait_for("AFTER-SNAPSHOT!", BOOT_TIMEOUT);
-        let seen = ticks(&clone.collect_for(Duration::ZERO));
-        let (first, ..) = seen[0];
-        assert!(
-            first <= last + 2 && first + 2 >= last,
-            "the clone counts on from {last}, not from a boot: {seen:?}"
-        );
-        assert!(
-            seen.iter().all(|(_, id, _)| *id == boot_id),
-            "the same boot: {seen:?}"
-        );
-        // The guest's vsock listener survived; new connections work.
-        let mut s = common::connect_to_guest(vsock, 5000, std::time::Instant::now() + BOOT_TIMEOUT);
-        s.write_all(b"hello after restore").unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut echo = Vec::new();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let _ = s.read_to_end(&mut echo);
-        assert_eq!(echo, b"hello after restore");
-    }
-    for (clone, _) in clones {
-        // SAFETY: kill(2) on a child we started.
-        unsafe { libc::kill(clone.pid(), libc::SIGTERM) };
-        let out = clone.finish(Duration::from_secs(60));
-        assert_eq!(out.status, 143, "{out}");
-    }
 }
