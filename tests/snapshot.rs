@@ -57,6 +57,50 @@ fn snapshot_counting_guest(dir: &Path, extra: &[&str]) {
     drop(vm);
 }
 
+#[test]
+fn a_jailed_guest_larger_than_the_default_file_size_limit_is_snapshotted() {
+    // The jail limits the size of files the VM writes; a snapshot's memory
+    // file is as large as guest RAM, here more than the 1 GiB floor.
+    let dir = work_dir("big");
+    let sock = dir.join("api.sock");
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        common::guests().elf64.to_str().unwrap(),
+        "--no-host-quirks",
+        "--memory",
+        "1536M",
+        "--cmdline",
+        "test=count",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_for("COUNT 3\n", Duration::from_secs(30));
+    let out = common::run(
+        &[
+            "snapshot",
+            "create",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--state",
+            dir.join("state").to_str().unwrap(),
+            "--memory",
+            dir.join("memory").to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status, 0, "{out}");
+    drop(vm);
+    assert_eq!(
+        std::fs::metadata(dir.join("memory")).unwrap().len(),
+        1536 << 20
+    );
+    let mut clone = restore(&dir, &[]);
+    let c = counts(&clone.collect_for(Duration::from_secs(2)));
+    assert!(c.len() > 3 && c[0] > 3, "{c:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn restore(dir: &Path, extra: &[&str]) -> Running {
     let mut args = vec![
         "snapshot",

@@ -304,7 +304,7 @@ impl Vm {
                 VmState::Running
             };
         }
-        log::debug!("vCPUs started");
+        log::debug!("vCPUs started (CLOCK_MONOTONIC {} ns)", monotonic_ns());
         if let Some(f) = self.on_start.take()
             && !self.exit.is_stopping()
         {
@@ -453,6 +453,18 @@ unsafe fn raw_syscall(nr: libc::c_long, args: [u64; 3]) -> i64 {
         );
     }
     ret
+}
+
+/// CLOCK_MONOTONIC now, in ns: comparable with other processes' clocks
+/// (benchmarks time exec → first KVM_RUN with it).
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `t`, which we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// A signalfd for `signals` (which must be blocked).

@@ -180,6 +180,7 @@ impl JailOptions {
             memory_limit,
             limits_required: self.cpu_quota.is_some() || self.memory_limit.is_some(),
             failure_code: crate::exit::EXIT_VMM_ERROR,
+            guest_memory: config.mem_size,
         }))
     }
 }
@@ -199,6 +200,8 @@ pub struct Spec {
     /// The status the VM process exits with when it cannot be jailed (the
     /// command's "could not run" status: 1 for run, 125 for sandboxes).
     pub failure_code: i32,
+    /// Guest RAM: a snapshot's memory file is that large.
+    pub guest_memory: u64,
 }
 
 /// Something the VM uses, bind-mounted into the jail at the same path.
@@ -1075,8 +1078,9 @@ fn make_root(mounts: &[Mount], root: &Path) -> Result<(), String> {
 }
 
 /// No core dumps, a bounded number of open files, and files no larger
-/// than the largest writable disk (at least 1 GiB, which bounds the serial log).
-fn set_limits(_spec: &Spec, mounts: &[Mount]) -> Result<(), String> {
+/// than the largest writable disk or a snapshot's memory file (guest RAM),
+/// and at least 1 GiB, which bounds the serial log.
+fn set_limits(spec: &Spec, mounts: &[Mount]) -> Result<(), String> {
     let largest = mounts
         .iter()
         .filter(|m| m.writable && !m.dir)
@@ -1088,7 +1092,10 @@ fn set_limits(_spec: &Spec, mounts: &[Mount]) -> Result<(), String> {
     let limits = [
         (libc::RLIMIT_CORE, 0),
         (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
-        (libc::RLIMIT_FSIZE, largest.max(MIN_FILE_SIZE_LIMIT)),
+        (
+            libc::RLIMIT_FSIZE,
+            largest.max(spec.guest_memory).max(MIN_FILE_SIZE_LIMIT),
+        ),
     ];
     for (resource, value) in limits {
         let limit = libc::rlimit {
