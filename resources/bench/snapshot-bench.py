@@ -122,7 +122,7 @@ class Timed:
 
 def linux_vm_args(kernel, initrd, mib, vsock, extra=()):
     return ["--kernel", kernel, "--initrd", initrd, "--memory", f"{mib}M",
-            "--cmdline", f'{CMDLINE} ligera.cmd="vsock-echo 5000"',
+            "--cmdline", f'{CMDLINE} ligera.cmd="while :; do vsock-echo 5000; done"',
             "--vsock", f"cid=3,socket={vsock}", *extra]
 
 
@@ -276,7 +276,7 @@ def api_round(link, kernel, initrd, work):
         api = Api(sock)
         api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
         api.request("PUT", "/boot-source", {"kernel_image_path": kernel, "initrd_path": initrd,
-                                            "boot_args": f'{CMDLINE} ligera.cmd="vsock-echo 5000"'})
+                                            "boot_args": f'{CMDLINE} ligera.cmd="while :; do vsock-echo 5000; done"'})
         api.request("PUT", "/vsock", {"guest_cid": 3, "uds_path": vsock})
         start = time.monotonic_ns()
         api.request("PUT", "/actions", {"action_type": "InstanceStart"})
