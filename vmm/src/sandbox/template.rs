@@ -56,13 +56,23 @@ pub fn restore_from_template(config: &mut VmConfig) -> Result<(), String> {
         memory: dir.join("memory"),
         scratch: dir.join("scratch.ext4"),
     };
-    if !template.state.exists() {
-        // One sandbox makes it; the others started meanwhile wait for it.
-        let _lock = lock(&dir.with_extension("lock"))?;
+    let made = (|| {
         if !template.state.exists() {
-            prune(dir.parent().unwrap_or(&dir));
-            make(config, &dir, size)?;
+            let parent = dir.parent().unwrap_or(&dir);
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            // One sandbox makes it; the others started meanwhile wait for it.
+            let _lock = lock(&dir.with_extension("lock"))?;
+            if !template.state.exists() {
+                prune(parent);
+                make(config, &dir, size)?;
+            }
         }
+        Ok::<(), String>(())
+    })();
+    if let Err(e) = made {
+        // The sandbox still runs, booted: slower, but the same.
+        log::warn!("no snapshot to start the sandbox from ({e}): booting it");
+        return Ok(());
     }
     // Marks it used (see `prune`).
     let _ = std::fs::File::open(&dir).and_then(|d| d.set_modified(std::time::SystemTime::now()));
