@@ -349,15 +349,18 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), String> {
         let end = if hole < 0 { len as i64 } else { hole };
         let (mut off_in, mut off_out) = (data, data);
         while off_in < end {
-            // SAFETY: copies between two descriptors we own, at offsets we pass.
+            // SAFETY: copies between two descriptors we own, at offsets we
+            // pass. The system call itself: the static binary's libc
+            // wrapper can be a null weak symbol.
             let n = unsafe {
-                libc::copy_file_range(
+                libc::syscall(
+                    libc::SYS_copy_file_range,
                     src.as_raw_fd(),
-                    &mut off_in,
+                    &mut off_in as *mut i64,
                     dst.as_raw_fd(),
-                    &mut off_out,
+                    &mut off_out as *mut i64,
                     (end - off_in) as usize,
-                    0,
+                    0u32,
                 )
             };
             if n <= 0 {
