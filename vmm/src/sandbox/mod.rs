@@ -446,9 +446,16 @@ pub fn run(args: SandboxRunArgs) -> i32 {
                 // The guest first gets our time and fresh entropy (a
                 // restored one has its snapshot's), then the command.
                 let result = client::connect(&socket, BOOT_TIMEOUT, stopped)
-                    .and_then(client::refresh)
-                    .and_then(|()| client::connect(&socket, BOOT_TIMEOUT, stopped))
                     .and_then(|s| {
+                        log::debug!("sandbox: the agent answers");
+                        client::refresh(s)
+                    })
+                    .and_then(|()| {
+                        log::debug!("sandbox: the guest has our time and entropy");
+                        client::connect(&socket, BOOT_TIMEOUT, stopped)
+                    })
+                    .and_then(|s| {
+                        log::debug!("sandbox: running the command");
                         client::run_command(
                             s,
                             &request,
