@@ -83,8 +83,9 @@ def smaps_rollup(pid, key):
     return 0
 
 
-def smaps_outside_guest(pid, guest_bytes):
-    """RSS (KiB) of every mapping but the guest memory, and of the guest memory."""
+def smaps_outside_guest(pid, guest_bytes, key="Rss:"):
+    """RSS (KiB; or `key`, e.g. "Pss:") of every mapping but the guest
+    memory, and of the guest memory."""
     outside = guest = 0
     size = rss = None
     with open(f"/proc/{pid}/smaps") as f:
@@ -93,7 +94,7 @@ def smaps_outside_guest(pid, guest_bytes):
             if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
                 size = end - start
-            elif parts[0] == "Rss:":
+            elif parts[0] == key:
                 rss = int(parts[1])
                 if size == guest_bytes and not guest:
                     guest = rss
