@@ -319,9 +319,8 @@ fn snapshot_when_ready(
         ..Default::default()
     };
     let died = || child.borrow_mut().try_wait().ok().flatten().is_some();
-    let _ = super::client::connect(vsock, super::BOOT_TIMEOUT, died).and_then(|s| {
-        super::client::run_command(s, &warm, None, std::io::sink(), std::io::sink())
-    });
+    let _ = super::client::connect(vsock, super::BOOT_TIMEOUT, died)
+        .and_then(|s| super::client::run_command(s, &warm, None, std::io::sink(), std::io::sink()));
     let (status, body) = request(
         api,
         "PATCH",
