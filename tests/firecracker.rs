@@ -96,6 +96,8 @@ fn configure_start_pause_snapshot_and_load_through_firecrackers_api() {
     let sock = dir.join("api.sock");
     let kernel = guests().elf64.to_str().unwrap().to_string();
     let metrics = dir.join("metrics.json");
+    // Log and metrics files must exist, as in Firecracker.
+    std::fs::write(&metrics, b"").unwrap();
     let mut vm = start(&link, &sock, &["--id", "fc-test-1"]);
 
     // Before the start: what Firecracker answers with defaults.
@@ -158,6 +160,31 @@ fn configure_start_pause_snapshot_and_load_through_firecrackers_api() {
         Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
         "No such file",
     );
+    // A named pipe would block whoever opens it; a client creates no file.
+    let fifo = dir.join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(r#"{{"kernel_image_path": "{}"}}"#, fifo.display())),
+        "not a regular file",
+    );
+    let missing = dir.join("missing-metrics.json");
+    refused(
+        &sock,
+        "PUT",
+        "/metrics",
+        Some(&format!(r#"{{"metrics_path": "{}"}}"#, missing.display())),
+        "No such file",
+    );
+    assert!(!missing.exists());
     refused(
         &sock,
         "PUT",
@@ -326,6 +353,7 @@ fn config_file_without_api_and_the_boot_timer() {
     let (dir, link) = work_dir("file");
     let config = dir.join("vm.json");
     let log = dir.join("fc.log");
+    std::fs::write(&log, b"").unwrap();
     std::fs::write(
         &config,
         format!(

@@ -39,6 +39,8 @@ type Result<T> = std::result::Result<T, BuildError>;
 /// keyboard, 4 is COM1).
 const VIRTIO_FIRST_GSI: u32 = 5;
 const VIRTIO_LAST_GSI: u32 = 23;
+/// The most virtio devices a VM can have (one interrupt line each).
+pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_LAST_GSI - VIRTIO_FIRST_GSI + 1) as usize;
 
 /// A virtio device as placed on the MMIO bus.
 pub struct VirtioSlot {

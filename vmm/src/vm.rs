@@ -263,6 +263,9 @@ impl Vm {
             Ok(()) => {}
             Err(message) => self.exit.request(ExitReason::VmmError(message)),
         }
+        // Not started: whoever waits for the start learns it (the closure,
+        // and what it would have sent, are dropped).
+        self.on_start = None;
         self.exit
             .reason()
             .unwrap_or_else(|| ExitReason::VmmError("the VM stopped without a reason".into()))

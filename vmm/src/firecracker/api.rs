@@ -102,13 +102,14 @@ impl Metrics {
     }
 }
 
-/// Opens a log or metrics file: appended to, created if missing (a named
-/// pipe is opened without waiting for a reader).
+/// Opens a log or metrics file, which must exist (as in Firecracker: an
+/// API client creates no file): appended to; a named pipe is opened
+/// read-write, so the open neither blocks nor fails for want of a reader.
 pub fn open_output(path: &std::path::Path) -> Result<File, String> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
+        .read(true)
         .append(true)
-        .create(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))
@@ -333,6 +334,14 @@ impl FirecrackerApi {
                 "action_type '{other}' is not one of InstanceStart, SendCtrlAltDel, FlushMetrics"
             )),
         }
+    }
+}
+
+impl Drop for FirecrackerApi {
+    /// The API thread is ending (a stop, or a panic it caught): the main
+    /// thread, waiting for a launch, learns it and does not wait for ever.
+    fn drop(&mut self) {
+        let _ = self.wake.write(1);
     }
 }
 

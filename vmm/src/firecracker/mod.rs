@@ -69,6 +69,15 @@ pub struct FirecrackerArgs {
     /// Print the version of Firecracker's API that ligera follows.
     #[arg(long)]
     pub version: bool,
+    /// Passed by Firecracker's jailer; accepted, not used.
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    /// Passed by Firecracker's jailer; accepted, not used.
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+    /// Passed by Firecracker's jailer; accepted, not used.
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
 }
 
 /// Whether ligera was started through a link named `firecracker`.
@@ -227,6 +236,9 @@ pub fn main(args: FirecrackerArgs) -> i32 {
             None => match wait_for_launch(&launches, &wake, &signals) {
                 Ok(l) => l,
                 Err(code) => {
+                    // A launch still queued holds the reply the API thread
+                    // may be waiting for: drop it first, or the join hangs.
+                    drop(launches);
                     drop(server);
                     return code;
                 }

@@ -291,13 +291,33 @@ impl Default for Resources {
 }
 
 /// A file the VM will open: it must be there now, so the mistake is
-/// reported by the request that made it.
-fn check_file(what: &str, path: &Path) -> Result<(), String> {
+/// reported by the request that made it, and be a regular file (a named
+/// pipe would block whoever opens it; `block_ok` lets a drive be a block
+/// device).
+fn check_file(what: &str, path: &Path, block_ok: bool) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Err(format!("{what}: {} is a directory", path.display())),
-        Ok(_) => Ok(()),
+        Ok(m) if m.is_file() || (block_ok && m.file_type().is_block_device()) => Ok(()),
+        Ok(_) => Err(format!(
+            "{what}: {} is not a regular file{}",
+            path.display(),
+            if block_ok { " or block device" } else { "" }
+        )),
         Err(e) => Err(format!("{what}: {}: {e}", path.display())),
     }
+}
+
+/// Virtio devices configured (a new drive or interface must fit).
+fn room_for_one_more(r: &Resources, what: &str) -> Result<(), String> {
+    let devices =
+        r.drives.len() + r.nets.len() + usize::from(r.vsock.is_some()) + usize::from(r.entropy);
+    if devices >= crate::device_manager::MAX_VIRTIO_DEVICES {
+        return Err(format!(
+            "{what}: a VM has at most {} virtio devices",
+            crate::device_manager::MAX_VIRTIO_DEVICES
+        ));
+    }
+    Ok(())
 }
 
 /// Path IDs and body IDs must agree, as in Firecracker.
@@ -327,9 +347,13 @@ fn check_id(what: &str, id: &str) -> Result<(), String> {
 
 impl Resources {
     pub fn put_boot_source(&mut self, body: BootSource) -> Result<(), String> {
-        check_file("boot-source: kernel_image_path", &body.kernel_image_path)?;
+        check_file(
+            "boot-source: kernel_image_path",
+            &body.kernel_image_path,
+            false,
+        )?;
         if let Some(initrd) = &body.initrd_path {
-            check_file("boot-source: initrd_path", initrd)?;
+            check_file("boot-source: initrd_path", initrd, false)?;
         }
         if let Some(args) = &body.boot_args
             && let Err(e) = linux_loader::cmdline::Cmdline::try_from(args, 4096)
@@ -392,7 +416,10 @@ impl Resources {
         let path = body
             .path_on_host
             .ok_or_else(|| format!("{what}: path_on_host is required"))?;
-        check_file(&format!("{what}: path_on_host"), &path)?;
+        check_file(&format!("{what}: path_on_host"), &path, true)?;
+        if !self.has_drive(path_id) {
+            room_for_one_more(self, &what)?;
+        }
         if body.is_root_device
             && let Some(other) = self.drives.iter().find(|d| d.root && d.id != path_id)
         {
@@ -428,6 +455,9 @@ impl Resources {
         check_id(&what, path_id)?;
         refuse(&what, "rx_rate_limiter", &body.rx_rate_limiter)?;
         refuse(&what, "tx_rate_limiter", &body.tx_rate_limiter)?;
+        if !self.has_net(path_id) {
+            room_for_one_more(self, &what)?;
+        }
         let mac = body
             .guest_mac
             .as_deref()
@@ -475,6 +505,9 @@ impl Resources {
         }
         crate::config::check_socket_path("vsock: uds_path", &body.uds_path)
             .map_err(|e| e.to_string())?;
+        if self.vsock.is_none() {
+            room_for_one_more(self, "vsock")?;
+        }
         self.vsock = Some((body.guest_cid, body.uds_path));
         self.touched = true;
         Ok(())
@@ -482,6 +515,9 @@ impl Resources {
 
     pub fn put_entropy(&mut self, body: EntropyBody) -> Result<(), String> {
         refuse("entropy", "rate_limiter", &body.rate_limiter)?;
+        if !self.entropy {
+            room_for_one_more(self, "entropy")?;
+        }
         self.entropy = true;
         self.touched = true;
         Ok(())
@@ -739,6 +775,12 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
             ));
         }
     };
+    check_file(
+        &format!("{WHAT}: snapshot_path"),
+        &body.snapshot_path,
+        false,
+    )?;
+    check_file(&format!("{WHAT}: memory file"), &memory, false)?;
     let snapshot = crate::snapshot::read_state(&body.snapshot_path)
         .map_err(|e| format!("{WHAT}: cannot load the snapshot: {e}"))?;
     let mut config = snapshot.config;
@@ -909,6 +951,29 @@ mod tests {
     }
 
     #[test]
+    fn drives_and_interfaces_are_bounded() {
+        let disk = kernel();
+        let mut r = Resources::default();
+        let max = crate::device_manager::MAX_VIRTIO_DEVICES;
+        for i in 0..=max {
+            let id = format!("d{i}");
+            let body = format!(
+                r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": false}}"#,
+                disk.path().display()
+            );
+            let result = r.put_drive(&id, parse("drives", body.as_bytes()).unwrap());
+            assert_eq!(result.is_ok(), i < max, "{i}: {result:?}");
+        }
+        // Updating one that exists still works.
+        let body = format!(
+            r#"{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": true}}"#,
+            disk.path().display()
+        );
+        r.put_drive("d0", parse("drives", body.as_bytes()).unwrap())
+            .unwrap();
+    }
+
+    #[test]
     fn config_file_in_firecrackers_format() {
         let k = kernel();
         let text = format!(
@@ -956,7 +1021,7 @@ mod tests {
             ),
             (
                 r#"{"snapshot_path": "/nonexistent", "mem_file_path": "/m"}"#,
-                "cannot load the snapshot",
+                "snapshot_path: /nonexistent",
             ),
         ] {
             let e = parse::<SnapshotLoad>("snapshot/load", body.as_bytes())
