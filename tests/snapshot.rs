@@ -30,14 +30,9 @@ fn counts(output: &str) -> Vec<u64> {
         .collect()
 }
 
-/// A snapshot of the counting guest (32 MiB) in `dir`, taken while it runs
-/// with `extra` flags; the VM is then ended.
-fn snapshot_counting_guest(dir: &Path, extra: &[&str]) {
-    let sock = dir.join("api.sock");
-    let mut args = vec!["--api-sock", sock.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut vm = common::counting_guest(&args);
-    let paused = common::run(
+/// `ligera snapshot create` of the VM on `sock` into `dir`'s state and memory.
+fn snapshot_create(dir: &Path, sock: &Path) -> common::Outcome {
+    common::run(
         &[
             "snapshot",
             "create",
@@ -49,7 +44,17 @@ fn snapshot_counting_guest(dir: &Path, extra: &[&str]) {
             dir.join("memory").to_str().unwrap(),
         ],
         Duration::from_secs(120),
-    );
+    )
+}
+
+/// A snapshot of the counting guest (32 MiB) in `dir`, taken while it runs
+/// with `extra` flags; the VM is then ended.
+fn snapshot_counting_guest(dir: &Path, extra: &[&str]) {
+    let sock = dir.join("api.sock");
+    let mut args = vec!["--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut vm = common::counting_guest(&args);
+    let paused = snapshot_create(dir, &sock);
     assert_eq!(paused.status, 0, "{paused}");
     // The VM runs on after the snapshot: it is separate from its clones.
     let before = vm.collect_for(Duration::from_millis(500));
@@ -76,19 +81,7 @@ fn a_jailed_guest_larger_than_the_default_file_size_limit_is_snapshotted() {
         sock.to_str().unwrap(),
     ]);
     vm.wait_for("COUNT 3\n", Duration::from_secs(30));
-    let out = common::run(
-        &[
-            "snapshot",
-            "create",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--state",
-            dir.join("state").to_str().unwrap(),
-            "--memory",
-            dir.join("memory").to_str().unwrap(),
-        ],
-        Duration::from_secs(120),
-    );
+    let out = snapshot_create(&dir, &sock);
     assert_eq!(out.status, 0, "{out}");
     drop(vm);
     assert_eq!(

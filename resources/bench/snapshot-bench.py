@@ -146,31 +146,29 @@ def make_snapshot(ligera, kernel, initrd, mib, work):
     return d
 
 
-def restore_round(ligera, snap, work):
-    vsock = os.path.join(work, "restore-v.sock")
-    t = Timed([ligera, "--log-level", "debug", "snapshot", "restore",
-               "--state", os.path.join(snap, "state"), "--memory", os.path.join(snap, "memory"),
-               "--serial", "none", "--vsock-socket", vsock])
+def to_answer(cmd, vsock, timeout):
+    """Runs a ligera command line (with debug logging) until the guest
+    answers on `vsock`; returns (exec -> first KVM_RUN, exec -> answer) in ms."""
+    t = Timed(cmd)
     try:
         kvm = t.kvm_run_ns()
-        vsock_echo(vsock, time.monotonic() + 120)
-        answered = time.monotonic_ns() - t.t0
-        return kvm / 1e6, answered / 1e6
+        vsock_echo(vsock, time.monotonic() + timeout)
+        return kvm / 1e6, (time.monotonic_ns() - t.t0) / 1e6
     finally:
         t.end()
+
+
+def restore_round(ligera, snap, work):
+    vsock = os.path.join(work, "restore-v.sock")
+    return to_answer([ligera, "--log-level", "debug", "snapshot", "restore",
+                      "--state", os.path.join(snap, "state"), "--memory", os.path.join(snap, "memory"),
+                      "--serial", "none", "--vsock-socket", vsock], vsock, 120)
 
 
 def cold_round(ligera, kernel, initrd, mib, work):
     vsock = os.path.join(work, "cold-v.sock")
-    t = Timed([ligera, "--log-level", "debug", "run",
-               *linux_vm_args(kernel, initrd, mib, vsock, ["--serial", "none"])])
-    try:
-        kvm = t.kvm_run_ns()
-        vsock_echo(vsock, time.monotonic() + 600)
-        answered = time.monotonic_ns() - t.t0
-        return kvm / 1e6, answered / 1e6
-    finally:
-        t.end()
+    return to_answer([ligera, "--log-level", "debug", "run",
+                      *linux_vm_args(kernel, initrd, mib, vsock, ["--serial", "none"])], vsock, 600)
 
 
 def descendants(pid):

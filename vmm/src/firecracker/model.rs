@@ -330,6 +330,15 @@ fn same_id(path_id: &str, body_id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The ID of `PUT /KIND/{path_id}`, checked against the body's and
+/// Firecracker's rule; returns the request's name for messages.
+fn checked_id(kind: &str, path_id: &str, body_id: &str) -> Result<String, String> {
+    let what = format!("{kind}/{path_id}");
+    same_id(path_id, body_id)?;
+    check_id(&what, path_id)?;
+    Ok(what)
+}
+
 /// IDs: 1 to 64 letters, digits, '-' or '_' (Firecracker's rule).
 fn check_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty()
@@ -401,9 +410,7 @@ impl Resources {
     }
 
     pub fn put_drive(&mut self, path_id: &str, body: DriveBody) -> Result<(), String> {
-        let what = format!("drives/{path_id}");
-        same_id(path_id, &body.drive_id)?;
-        check_id(&what, path_id)?;
+        let what = checked_id("drives", path_id, &body.drive_id)?;
         refuse(&what, "rate_limiter", &body.rate_limiter)?;
         refuse(&what, "socket (vhost-user)", &body.socket)?;
         only(&what, "io_engine", &body.io_engine, &["Sync"])?;
@@ -450,9 +457,7 @@ impl Resources {
     }
 
     pub fn put_net(&mut self, path_id: &str, body: NetBody) -> Result<(), String> {
-        let what = format!("network-interfaces/{path_id}");
-        same_id(path_id, &body.iface_id)?;
-        check_id(&what, path_id)?;
+        let what = checked_id("network-interfaces", path_id, &body.iface_id)?;
         refuse(&what, "rx_rate_limiter", &body.rx_rate_limiter)?;
         refuse(&what, "tx_rate_limiter", &body.tx_rate_limiter)?;
         if !self.has_net(path_id) {
