@@ -93,13 +93,25 @@ def vsock_echo(path, deadline):
 
 
 class Timed:
-    """A ligera process started with debug logging, timed from its exec."""
+    """A ligera process started with debug logging, timed from just before
+    its exec (posix_spawn: no fork of this Python process in the way)."""
 
     def __init__(self, cmd):
         self.log = tempfile.TemporaryFile()
+        null = os.open(os.devnull, os.O_RDWR)
+        actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                   (os.POSIX_SPAWN_DUP2, self.log.fileno(), 2)]
         self.t0 = time.monotonic_ns()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.log)
+        self.pid = os.posix_spawn(cmd[0], cmd, os.environ, file_actions=actions)
+        os.close(null)
+        self.status = None
+
+    def poll(self):
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+        return self.status
 
     def kvm_run_ns(self, since=None, timeout=60):
         """CLOCK_MONOTONIC of the first KVM_RUN, less `since` (default: exec)."""
@@ -109,14 +121,22 @@ class Timed:
             m = KVM_RUN.search(self.log.read())
             if m:
                 return int(m.group(1)) - (self.t0 if since is None else since)
-            if self.proc.poll() is not None:
+            if self.poll() is not None:
                 break
             time.sleep(0.001)
         self.log.seek(0)
         raise RuntimeError("no 'vCPUs started' line: " + self.log.read()[-2000:].decode(errors="replace"))
 
     def end(self):
-        stop(self.proc)
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.005)
         self.log.close()
 
 
