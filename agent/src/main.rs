@@ -515,6 +515,21 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             why,
         });
     }
+    if let Some(setup) = &req.setup
+        && let Err(e) = apply_setup(setup)
+    {
+        let status = ExitStatus {
+            code: None,
+            signal: None,
+            error: Some(StartError {
+                kind: StartErrorKind::Other,
+                message: format!("setting the guest up: {e}"),
+            }),
+            oom_killed: false,
+        };
+        send_json(out, Kind::Exited, &status)?;
+        return Ok(());
+    }
     let (mut child, master) = match spawn(&req, root, helper) {
         Ok(c) => c,
         Err(e) => {

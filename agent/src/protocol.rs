@@ -224,6 +224,10 @@ pub struct ExecRequest {
     pub tty: bool,
     pub rows: Option<u16>,
     pub cols: Option<u16>,
+    /// Bring the guest up to date first (a restored one: clock, entropy),
+    /// as a `Setup` session would, without a session of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<Setup>,
 }
 
 impl ExecRequest {

@@ -71,6 +71,19 @@ fn try_connect(socket: &Path) -> io::Result<UnixStream> {
 /// clock and random pool): sets its clock to ours and mixes 64 fresh bytes
 /// from our `getrandom` into its RNG, which the agent then reseeds.
 pub fn refresh(stream: UnixStream) -> Result<(), ClientError> {
+    let setup = fresh_setup()?;
+    let status = run_session(stream, Request::Setup(&setup), None, io::sink(), io::sink())?;
+    match status.error {
+        Some(e) => Err(ClientError::Agent(format!(
+            "setting the guest up: {}",
+            e.message
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The host's time and 64 bytes of its entropy, for a (restored) guest.
+pub fn fresh_setup() -> Result<Setup, ClientError> {
     let mut entropy = vec![0u8; 64];
     // SAFETY: getrandom writes at most `entropy.len()` bytes into it.
     let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
@@ -81,18 +94,10 @@ pub fn refresh(stream: UnixStream) -> Result<(), ClientError> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .and_then(|d| u64::try_from(d.as_nanos()).ok());
-    let setup = Setup {
+    Ok(Setup {
         realtime_ns,
         entropy,
-    };
-    let status = run_session(stream, Request::Setup(&setup), None, io::sink(), io::sink())?;
-    match status.error {
-        Some(e) => Err(ClientError::Agent(format!(
-            "setting the guest up: {}",
-            e.message
-        ))),
-        None => Ok(()),
-    }
+    })
 }
 
 /// Checks that the agent answers (the Hello exchange), then hangs up.

@@ -268,6 +268,7 @@ impl ExecOptions {
             tty: self.tty,
             rows: size.map(|s| s.0),
             cols: size.map(|s| s.1),
+            setup: None,
         })
     }
 }
@@ -399,7 +400,7 @@ pub fn run(args: SandboxRunArgs) -> i32 {
         Ok(c) => c,
         Err(message) => return fail(message),
     };
-    let request = match args.exec.request(&args.command, &image_config) {
+    let mut request = match args.exec.request(&args.command, &image_config) {
         Ok(r) => r,
         Err(message) => return fail(message),
     };
@@ -443,27 +444,20 @@ pub fn run(args: SandboxRunArgs) -> i32 {
                     return;
                 }
                 let stopped = || control.state() == crate::vm::VmState::Stopped;
-                // The guest first gets our time and fresh entropy (a
-                // restored one has its snapshot's), then the command.
-                let result = client::connect(&socket, BOOT_TIMEOUT, stopped)
-                    .and_then(|s| {
-                        log::debug!("sandbox: the agent answers");
-                        client::refresh(s)
-                    })
-                    .and_then(|()| {
-                        log::debug!("sandbox: the guest has our time and entropy");
-                        client::connect(&socket, BOOT_TIMEOUT, stopped)
-                    })
-                    .and_then(|s| {
-                        log::debug!("sandbox: running the command");
-                        client::run_command(
-                            s,
-                            &request,
-                            Some(Box::new(std::io::stdin())),
-                            std::io::stdout(),
-                            std::io::stderr(),
-                        )
-                    });
+                // The guest first gets our time (taken once it answers) and
+                // fresh entropy (a restored one has its snapshot's), then
+                // the command: both in the exec request, one session.
+                let result = client::connect(&socket, BOOT_TIMEOUT, stopped).and_then(|s| {
+                    request.setup = Some(client::fresh_setup()?);
+                    log::debug!("sandbox: the agent answers; running the command");
+                    client::run_command(
+                        s,
+                        &request,
+                        Some(Box::new(std::io::stdin())),
+                        std::io::stdout(),
+                        std::io::stderr(),
+                    )
+                });
                 *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                 finished.store(true, Ordering::SeqCst);
                 control.request_stop(ExitReason::Stopped);
