@@ -118,17 +118,8 @@ pub fn main(args: FirecrackerArgs) -> i32 {
     if args.no_api && args.config_file.is_none() {
         return error("--no-api needs --config-file", EXIT_USAGE);
     }
-    let id_ok = !args.id.is_empty()
-        && args.id.len() <= 64
-        && args
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !id_ok {
-        return error(
-            format!("--id '{}': 1 to 64 letters, digits, '-' or '_'", args.id),
-            EXIT_USAGE,
-        );
+    if let Err(e) = model::check_id("--id", &args.id) {
+        return error(e, EXIT_USAGE);
     }
     let logger = model::LoggerBody {
         level: args.level.clone(),

@@ -340,7 +340,7 @@ fn checked_id(kind: &str, path_id: &str, body_id: &str) -> Result<String, String
 }
 
 /// IDs: 1 to 64 letters, digits, '-' or '_' (Firecracker's rule).
-fn check_id(what: &str, id: &str) -> Result<(), String> {
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty()
         || id.len() > 64
         || !id
