@@ -18,9 +18,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, mpsc};
 use std::time::Duration;
 
@@ -28,6 +26,10 @@ use agent::protocol::{
     self, CopyRequest, ExecRequest, ExitStatus, Frame, FrameError, Hello, INITIAL_CREDIT, Kind,
     Setup, StartError, StartErrorKind, read_frame, write_frame, write_json,
 };
+
+mod spawn;
+
+use spawn::{Child, Plan};
 
 const ROOT: &str = "/mnt/root";
 /// How long output may still come after the command exited (from programs
@@ -252,17 +254,30 @@ fn reaper() -> &'static Mutex<Reaper> {
 }
 
 /// Held shared while a command is being spawned, and exclusively by the
-/// reaper while it reaps. When exec fails, std's spawn waits for that very
-/// child itself (and panics if someone else reaped it first), so the
-/// reaper must not take a child while a spawn is in flight.
+/// reaper while it reaps. When exec fails, the spawn reaps that very child
+/// itself, so the reaper must not take a child while a spawn is in flight.
 fn spawning() -> &'static RwLock<()> {
     static SPAWNING: OnceLock<RwLock<()>> = OnceLock::new();
     SPAWNING.get_or_init(RwLock::default)
 }
 
+/// How many commands have been started, and a signal when one is.
+fn started() -> &'static (Mutex<u64>, Condvar) {
+    static STARTED: OnceLock<(Mutex<u64>, Condvar)> = OnceLock::new();
+    STARTED.get_or_init(Default::default)
+}
+
+/// Wakes the reaper if it is waiting for a child to exist.
+fn children_started() {
+    let (count, started) = started();
+    *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    started.notify_all();
+}
+
 fn start_reaper() {
     std::thread::spawn(|| {
         loop {
+            let seen = *started().0.lock().unwrap_or_else(|e| e.into_inner());
             // Wait until some child has ended, without reaping it.
             // SAFETY: siginfo_t is plain data that waitid fills.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -270,9 +285,14 @@ fn start_reaper() {
             let ret =
                 unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if ret < 0 {
-                if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    // No children right now.
-                    std::thread::sleep(Duration::from_millis(20));
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                    // No children: sleep until one is started (polling would
+                    // cost an idle sandbox host CPU time).
+                    let (count, started) = started();
+                    let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                    while *n == seen {
+                        n = started.wait(n).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
                 continue;
             }
@@ -551,111 +571,50 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             return Ok(());
         }
     };
-    let pid = child.id() as libc::pid_t;
+    let pid = child.pid;
     let credit = Arc::new(Credit::new(INITIAL_CREDIT));
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
-    // Output: one reader per stream (the terminal's master end for a
-    // tty), sending as the host's credit allows.
-    let mut readers = Vec::new();
+    // Output: one thread for both streams (the terminal's master end for
+    // a tty), sending as the host's credit allows.
     let master_out = master.as_ref().and_then(|m| m.try_clone().ok());
-    for (pipe, kind) in [
-        (
-            child
-                .stdout
-                .take()
-                .map(|p| File::from(OwnedFd::from(p)))
-                .or(master_out),
-            Kind::Stdout,
-        ),
-        (
-            child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
-            Kind::Stderr,
-        ),
-    ] {
-        let Some(mut pipe) = pipe else { continue };
+    let streams: Vec<(File, Kind)> = [
+        (child.stdout.take().or(master_out), Kind::Stdout),
+        (child.stderr.take(), Kind::Stderr),
+    ]
+    .into_iter()
+    .filter_map(|(f, kind)| Some((f?, kind)))
+    .collect();
+    let output = {
         let (out, credit, closed) = (out.clone(), credit.clone(), closed.clone());
-        readers.push(std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Some(room) = credit.take(buf.len(), &closed) {
-                match pipe.read(&mut buf[..room]) {
-                    Ok(0) | Err(_) => {
-                        credit.grant(room as u32);
-                        return;
-                    }
-                    Ok(n) => {
-                        credit.grant((room - n) as u32);
-                        if send(&out, kind, &buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }));
-    }
+        std::thread::spawn(move || forward_output(streams, &out, &credit, &closed))
+    };
 
-    // Input: written by its own thread, so a command that does not read
-    // never blocks the frames from the host.
-    let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>();
-    let stdin = child
-        .stdin
-        .take()
-        .map(|p| File::from(OwnedFd::from(p)))
-        .or_else(|| master.as_ref().and_then(|m| m.try_clone().ok()));
-    let tty = master.is_some();
-    let stdin_out = out.clone();
-    let stdin_thread = std::thread::spawn(move || {
-        let Some(mut stdin) = stdin else { return };
-        loop {
-            let chunk = match stdin_rx.recv() {
-                Ok(Some(chunk)) => chunk,
-                // A terminal stays open at the end of the host's input
-                // (closing the master would hang the command up).
-                Ok(None) if tty => continue,
-                _ => break,
-            };
-            if stdin.write_all(&chunk).is_err() {
-                // The command closed its stdin: drop the rest, but keep
-                // granting credit so the host is never stuck.
-                while let Ok(Some(c)) = stdin_rx.recv() {
-                    let _ = send(&stdin_out, Kind::Credit, &(c.len() as u32).to_le_bytes());
-                }
-                return;
-            }
-            let _ = send(
-                &stdin_out,
-                Kind::Credit,
-                &(chunk.len() as u32).to_le_bytes(),
-            );
-        }
-    });
+    let stdin = Input {
+        file: child
+            .stdin
+            .take()
+            .or_else(|| master.as_ref().and_then(|m| m.try_clone().ok())),
+        tty: master.is_some(),
+        out: out.clone(),
+        writer: None,
+    };
 
     // Frames from the host, until the command has exited.
     let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (done_tx, done_rx) = mpsc::channel();
-    let waiter_exited = exited.clone();
-    let waiter = std::thread::spawn(move || {
-        let status = wait_for(pid);
-        waiter_exited.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = done_tx.send(status);
-    });
     let host_input = input.try_clone().map_err(FrameError::Io)?;
     let host_credit = credit.clone();
+    let host_exited = exited.clone();
     let host_thread = std::thread::spawn(move || {
-        host_frames(host_input, pid, stdin_tx, host_credit, exited, master)
+        host_frames(host_input, pid, stdin, host_credit, host_exited, master)
     });
-    let status = done_rx.recv().unwrap_or(0);
-    let _ = waiter.join();
+    let status = wait_for(pid);
+    exited.store(true, std::sync::atomic::Ordering::SeqCst);
     // Output still buffered in the pipes is sent; programs the command left
     // running get a moment, then their output is no longer waited for.
     let deadline = std::time::Instant::now() + OUTPUT_GRACE;
-    for r in readers {
-        while !r.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if r.is_finished() {
-            let _ = r.join();
-        }
+    while !output.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     closed.store(true, std::sync::atomic::Ordering::SeqCst);
     let exit = if libc::WIFSIGNALED(status) {
@@ -675,15 +634,130 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     };
     send_json(out, Kind::Exited, &exit)?;
     drop(host_thread);
-    drop(stdin_thread);
     Ok(())
+}
+
+/// Sends the command's output streams to the host as its credit allows,
+/// until both are at their end or `closed` is set.
+fn forward_output(
+    mut streams: Vec<(File, Kind)>,
+    out: &Shared<File>,
+    credit: &Credit,
+    closed: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while !streams.is_empty() {
+        let Some(room) = credit.take(buf.len(), closed) else {
+            return;
+        };
+        let mut fds: Vec<libc::pollfd> = streams
+            .iter()
+            .map(|(f, _)| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // A timeout, so that `closed` is seen while a program the command
+        // left running holds a stream open.
+        // SAFETY: poll on our own descriptors, `fds.len()` entries.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let Some(i) = fds
+            .iter()
+            .position(|p| p.revents != 0)
+            .filter(|_| ready > 0)
+        else {
+            credit.grant(room as u32);
+            continue;
+        };
+        match streams[i].0.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => {
+                credit.grant(room as u32);
+                streams.remove(i);
+            }
+            Ok(n) => {
+                credit.grant((room - n) as u32);
+                if send(out, streams[i].1, &buf[..n]).is_err() {
+                    return;
+                }
+                // The other stream goes first next time.
+                let s = streams.remove(i);
+                streams.push(s);
+            }
+        }
+    }
+}
+
+/// The command's input, written by a thread of its own (so a command that
+/// does not read never blocks the frames from the host), which starts with
+/// the first bytes: a command given no input costs no thread.
+struct Input {
+    file: Option<File>,
+    tty: bool,
+    out: Shared<File>,
+    writer: Option<mpsc::Sender<Option<Vec<u8>>>>,
+}
+
+impl Input {
+    fn write(&mut self, chunk: Vec<u8>) {
+        if self.writer.is_none() {
+            let Some(file) = self.file.take() else {
+                // Nothing takes input: its credit goes back at once.
+                let _ = send(&self.out, Kind::Credit, &(chunk.len() as u32).to_le_bytes());
+                return;
+            };
+            let (tx, rx) = mpsc::channel();
+            let (tty, out) = (self.tty, self.out.clone());
+            std::thread::spawn(move || write_input(file, &rx, tty, &out));
+            self.writer = Some(tx);
+        }
+        if let Some(tx) = &self.writer {
+            let _ = tx.send(Some(chunk));
+        }
+    }
+
+    /// The end of the host's input. A terminal stays open (closing the
+    /// master would hang the command up).
+    fn end(&mut self) {
+        match &self.writer {
+            Some(tx) => {
+                let _ = tx.send(None);
+            }
+            None if !self.tty => self.file = None,
+            None => {}
+        }
+    }
+}
+
+fn write_input(
+    mut stdin: File,
+    chunks: &mpsc::Receiver<Option<Vec<u8>>>,
+    tty: bool,
+    out: &Shared<File>,
+) {
+    loop {
+        let chunk = match chunks.recv() {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) if tty => continue,
+            _ => break,
+        };
+        if stdin.write_all(&chunk).is_err() {
+            // The command closed its stdin: drop the rest, but keep
+            // granting credit so the host is never stuck.
+            while let Ok(Some(c)) = chunks.recv() {
+                let _ = send(out, Kind::Credit, &(c.len() as u32).to_le_bytes());
+            }
+            return;
+        }
+        let _ = send(out, Kind::Credit, &(chunk.len() as u32).to_le_bytes());
+    }
 }
 
 /// Reads the host's frames for a running command: input, signals, credit.
 fn host_frames(
     mut input: File,
     pid: libc::pid_t,
-    stdin: mpsc::Sender<Option<Vec<u8>>>,
+    mut stdin: Input,
     credit: Arc<Credit>,
     exited: Arc<std::sync::atomic::AtomicBool>,
     master: Option<File>,
@@ -699,17 +773,12 @@ fn host_frames(
                     // has not been reaped yet.
                     unsafe { libc::kill(-pid, libc::SIGKILL) };
                 }
-                let _ = stdin.send(None);
                 return;
             }
         };
         match frame.kind {
-            Kind::Stdin => {
-                let _ = stdin.send(Some(frame.payload));
-            }
-            Kind::StdinEof => {
-                let _ = stdin.send(None);
-            }
+            Kind::Stdin => stdin.write(frame.payload),
+            Kind::StdinEof => stdin.end(),
             Kind::Credit => {
                 if let Ok(n) = frame.u32() {
                     credit.grant(n);
@@ -895,32 +964,14 @@ fn open_pty(root: &Path) -> io::Result<(File, File)> {
 /// Starts the command chrooted into `root`, as its user, in its own
 /// session; a `helper` (the agent's own copy helpers) chroots itself.
 /// With `tty`, on a new pseudo-terminal (returned: its master end).
-fn spawn(
-    req: &ExecRequest,
-    root: &Path,
-    helper: bool,
-) -> io::Result<(std::process::Child, Option<File>)> {
-    let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..]).env_clear();
-    let master = if req.tty {
+fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<(Child, Option<File>)> {
+    let (master, tty) = if req.tty {
         let (master, slave) = open_pty(root)?;
         set_window(&master, req.rows.unwrap_or(24), req.cols.unwrap_or(80));
-        cmd.stdin(Stdio::from(OwnedFd::from(slave.try_clone()?)))
-            .stdout(Stdio::from(OwnedFd::from(slave.try_clone()?)))
-            .stderr(Stdio::from(OwnedFd::from(slave)));
-        Some(master)
+        (Some(master), Some(slave))
     } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        None
+        (None, None)
     };
-    let tty = req.tty;
-    for kv in &req.env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
-        }
-    }
     let (uid, gid) = match (&req.uid, &req.user_name) {
         (None, Some(name)) => {
             let (u, g) = lookup_user(root, name)?;
@@ -928,53 +979,25 @@ fn spawn(
         }
         _ => (req.uid, req.gid.or(req.uid)),
     };
-    let root = CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let cwd =
-        CString::new(req.cwd.clone().unwrap_or_else(|| "/".into())).map_err(io::Error::other)?;
-
-    let pid_one = std::process::id() == 1;
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Every signal at its default: a command must not inherit what
-            // the agent ignores (started in the background by a shell, it
-            // ignores SIGINT, and then Ctrl-C on a terminal would not reach
-            // the command). Handlers are reset by exec anyway; ignored
-            // signals are not.
-            for sig in 1..32 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
-                }
-            }
-            if pid_one {
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, c"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                }
-            }
-            if libc::setsid() < 0
-                || (tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0)
-                || (!helper && (libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0))
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(gid) = gid
-                && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0)
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(uid) = uid
-                && libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = {
-        let _spawning = spawning().read().unwrap_or_else(|e| e.into_inner());
-        cmd.spawn()?
+    let root = if helper {
+        None
+    } else {
+        let cwd = req.cwd.as_deref().unwrap_or("/");
+        let c = |s: &[u8]| CString::new(s).map_err(io::Error::other);
+        Some((c(root.as_os_str().as_encoded_bytes())?, c(cwd.as_bytes())?))
     };
+    let plan = Plan {
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        root,
+        uid,
+        gid,
+        tty,
+        reset_oom_score: std::process::id() == 1,
+    };
+    let child = spawn::spawn(plan, || {
+        spawning().read().unwrap_or_else(|e| e.into_inner())
+    })?;
+    children_started();
     Ok((child, master))
 }
