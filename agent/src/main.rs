@@ -550,7 +550,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
         send_json(out, Kind::Exited, &status)?;
         return Ok(());
     }
-    let (mut child, master) = match spawn(&req, root, helper) {
+    let (mut child, terminal) = match spawn(&req, root, helper) {
         Ok(c) => c,
         Err(e) => {
             let kind = match e.kind() {
@@ -571,6 +571,10 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
             return Ok(());
         }
     };
+    // The agent keeps a slave end of a terminal open until the command
+    // is reaped: the command's last output is then surely in the master's
+    // buffer before the master can read as hung up.
+    let (master, slave) = terminal.unzip();
     let pid = child.pid;
     let credit = Arc::new(Credit::new(INITIAL_CREDIT));
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -610,6 +614,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     });
     let status = wait_for(pid);
     exited.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(slave);
     // Output still buffered in the pipes is sent; programs the command left
     // running get a moment, then their output is no longer waited for.
     let deadline = std::time::Instant::now() + OUTPUT_GRACE;
@@ -963,12 +968,18 @@ fn open_pty(root: &Path) -> io::Result<(File, File)> {
 
 /// Starts the command chrooted into `root`, as its user, in its own
 /// session; a `helper` (the agent's own copy helpers) chroots itself.
-/// With `tty`, on a new pseudo-terminal (returned: its master end).
-fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<(Child, Option<File>)> {
-    let (master, tty) = if req.tty {
+/// With `tty`, on a new pseudo-terminal (returned: its master end, and a
+/// slave end for the agent).
+fn spawn(
+    req: &ExecRequest,
+    root: &Path,
+    helper: bool,
+) -> io::Result<(Child, Option<(File, File)>)> {
+    let (terminal, tty) = if req.tty {
         let (master, slave) = open_pty(root)?;
         set_window(&master, req.rows.unwrap_or(24), req.cols.unwrap_or(80));
-        (Some(master), Some(slave))
+        let ours = slave.try_clone()?;
+        (Some((master, ours)), Some(slave))
     } else {
         (None, None)
     };
@@ -999,5 +1010,5 @@ fn spawn(req: &ExecRequest, root: &Path, helper: bool) -> io::Result<(Child, Opt
         spawning().read().unwrap_or_else(|e| e.into_inner())
     })?;
     children_started();
-    Ok((child, master))
+    Ok((child, terminal))
 }
