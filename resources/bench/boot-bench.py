@@ -121,6 +121,13 @@ def wait_output(proc, marker, timeout):
     return time.perf_counter() - start
 
 
+def exit_on_signals():
+    """SIGTERM and SIGHUP end the bench as Ctrl-C does: through its
+    `finally` blocks, which stop what it started and remove its files."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _: sys.exit(128 + n))
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -168,6 +175,7 @@ def main():
     ap.add_argument("--teardown", action="store_true",
                     help="also run ligera with LIGERA_INLINE_TEARDOWN=1 (no teardown child)")
     args = ap.parse_args()
+    exit_on_signals()
 
     work = tempfile.mkdtemp(prefix="ligera-bench-")
     spawn = build_spawn(work)

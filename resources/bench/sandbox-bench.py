@@ -12,7 +12,8 @@
    with the median wall time (exec to exit) and CPU time (user + system of
    the process and its children, from wait4), and ligera's peak memory
    outside the guest-RAM mapping (sampled from /proc/PID/smaps while the
-   sandbox runs).
+   sandbox runs), alone and per sandbox with --density N of them running
+   `sleep 10` at once (the binary's pages are shared between them).
 2. Preparing a ~50 MB image the first time (`ligera image pull` of an OCI
    layout into an empty cache: unpack + mkfs.ext4) against `tar -xzf` of
    its layer plus the same `mkfs.ext4 -d`.
@@ -64,40 +65,52 @@ def runc_bundle(work, rootfs):
     return bundle
 
 
-def sandbox_run_sampled(ligera, image, memory_mib, env):
-    """One sandbox run, sampling ligera's memory outside guest RAM in its
-    processes (the jail's supervisor and the VM process): their PSS (the
-    binary's pages they share count once) and their private dirty memory
-    (what each further sandbox adds: clean pages of the binary are shared
-    by every sandbox through the page cache). Returns (wall s, peak PSS
-    KiB, peak private dirty KiB, status)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([ligera, "sandbox", "run", "--memory", f"{memory_mib}M",
-                             "--image", image, "--", "true"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+def sandboxes_sampled(ligera, image, memory_mib, env, argv, n):
+    """n sandboxes run at once (`ligera sandbox run -- argv`), sampling
+    ligera's memory outside guest RAM in their processes (each one's jail
+    supervisor and VM process): their PSS (the binary's pages they share
+    count once in the total) and their private dirty memory (what each
+    further sandbox adds: clean pages of the binary are shared by every
+    sandbox through the page cache). Returns (peak total PSS KiB, peak
+    total private dirty KiB, exit statuses)."""
+    procs = [subprocess.Popen([ligera, "sandbox", "run", "--memory", f"{memory_mib}M",
+                               "--image", image, "--", *argv],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env) for _ in range(n)]
     peak = {"Pss:": 0, "Private_Dirty:": 0}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            try:
-                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                    pids = [proc.pid, *map(int, f.read().split())]
-                for key in peak:
-                    outside = sum(boot_bench.smaps_outside_guest(p, memory_mib << 20, key)[0]
-                                  for p in pids)
-                    peak[key] = max(peak[key], outside)
-            except (OSError, ValueError):
-                pass
+            pids = []
+            for proc in procs:
+                try:
+                    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                        pids += [proc.pid, *map(int, f.read().split())]
+                except (OSError, ValueError):
+                    pass
+            for key in peak:
+                total = 0
+                for p in pids:
+                    try:
+                        total += boot_bench.smaps_outside_guest(p, memory_mib << 20, key)[0]
+                    except (OSError, ValueError):
+                        pass
+                peak[key] = max(peak[key], total)
             time.sleep(0.1)
 
     t = threading.Thread(target=sample)
     t.start()
-    status = proc.wait()
-    done.set()
-    t.join()
-    return time.perf_counter() - start, peak["Pss:"], peak["Private_Dirty:"], status
+    try:
+        statuses = [proc.wait() for proc in procs]
+    finally:
+        done.set()
+        t.join()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return peak["Pss:"], peak["Private_Dirty:"], statuses
 
 
 def fifty_mb_layout(work, source, target_mb):
@@ -174,10 +187,13 @@ def main():
     ap.add_argument("--memory", type=int, default=256, help="guest MiB")
     ap.add_argument("--image", help="image for the sandbox and runc (default: the busybox "
                     "root file system setup builds)")
+    ap.add_argument("--density", type=int, default=10,
+                    help="sandboxes running at once for the per-sandbox memory figure")
     ap.add_argument("--prepare-runs", type=int, default=3)
     ap.add_argument("--prepare-source", default="/usr/lib/python3.11",
                     help="host directory whose files make the ~50 MB image")
     args = ap.parse_args()
+    boot_bench.exit_on_signals()
 
     if not os.path.exists(args.ligera):
         sys.exit(f"no {args.ligera}: build with cargo build --release (setup does)")
@@ -219,8 +235,14 @@ def main():
             progress(f"run {i + 1}/{args.runs} done, about {per * (args.runs - i - 1) / 60:.1f} min left")
 
         progress("sampling ligera's memory outside guest RAM during one sandbox run")
-        _, peak_kib, dirty_kib, status = sandbox_run_sampled(args.ligera, rootfs, args.memory,
-                                                  {**os.environ, "LIGERA_KERNEL": kernel})
+        env = {**os.environ, "LIGERA_KERNEL": kernel}
+        peak_kib, dirty_kib, _ = sandboxes_sampled(args.ligera, rootfs, args.memory, env,
+                                                   ["true"], 1)
+        progress(f"... and during {args.density} sandboxes running `sleep 10` at once")
+        many_kib, many_dirty_kib, statuses = sandboxes_sampled(
+            args.ligera, rootfs, args.memory, env, ["sleep", "10"], args.density)
+        if any(statuses):
+            sys.exit(f"sandboxes running sleep exited with {statuses}")
         progress(f"preparing a ~50 MB image {args.prepare_runs} times each way")
         layout, layer, raw_bytes = fifty_mb_layout(work, args.prepare_source, 50)
         prep_ligera, prep_tar = [], []
@@ -253,6 +275,10 @@ def main():
         print(f"ligera's peak memory outside guest RAM during a sandbox run: PSS {peak_kib / 1024:.2f} MiB "
               f"(target <= 4 MiB: {'met' if peak_kib <= 4096 else 'NOT met'}), of which private "
               f"dirty (what each further sandbox adds) {dirty_kib / 1024:.2f} MiB")
+        per = many_kib / args.density
+        print(f"... per sandbox with {args.density} running at once: PSS {per / 1024:.2f} MiB "
+              f"(target <= 4 MiB: {'met' if per <= 4096 else 'NOT met'}), private dirty "
+              f"{many_dirty_kib / args.density / 1024:.2f} MiB")
         pl, pt = statistics.median(prep_ligera), statistics.median(prep_tar)
         print(f"preparing a {raw_bytes / 1e6:.0f} MB image: ligera image pull {pl:.2f} s, "
               f"tar -xzf + mkfs.ext4 -d {pt:.2f} s: {pl / pt:.2f}x "

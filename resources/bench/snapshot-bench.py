@@ -333,6 +333,10 @@ def main():
     ap.add_argument("--density", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: restore,sandbox,density,api")
     args = ap.parse_args()
+    # SIGTERM and SIGHUP end the bench through its `finally` blocks, as
+    # Ctrl-C does: what it started is stopped and its files removed.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _: sys.exit(128 + n))
     skip = set(filter(None, args.skip.split(",")))
     if not os.access(args.ligera, os.X_OK):
         sys.exit(f"no {args.ligera}: build with cargo build --release (setup does)")
