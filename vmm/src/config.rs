@@ -68,6 +68,14 @@ pub struct NetConfig {
     pub id: Option<String>,
 }
 
+impl NetConfig {
+    /// Its API name: the ID it was given, else `net{index}` (its place
+    /// among the VM's interfaces).
+    pub fn iface_id(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| format!("net{index}"))
+    }
+}
+
 /// A vsock device with a hybrid-vsock Unix socket on the host (`--vsock`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -156,7 +156,7 @@ impl VmApi {
             .enumerate()
             .map(|(i, n)| {
                 json!({
-                    "iface_id": n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                    "iface_id": n.iface_id(i),
                     "host_dev_name": n.tap,
                     "guest_mac": n.mac.map(|m| devices::virtio::net::format_mac(&m)),
                 })

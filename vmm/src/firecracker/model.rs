@@ -691,7 +691,7 @@ impl Resources {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| Net {
-                    id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                    id: n.iface_id(i),
                     tap: n.tap.clone(),
                     mac: n.mac,
                 })
@@ -795,10 +795,11 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
     for o in body.network_overrides.unwrap_or_default() {
         crate::config::check_tap_name(&o.host_dev_name)
             .map_err(|e| format!("{WHAT}: network_overrides: {e}"))?;
-        let found = config.nets.iter_mut().enumerate().find(|(i, n)| {
-            n.id.as_deref()
-                .map_or(format!("net{i}") == o.iface_id, |id| id == o.iface_id)
-        });
+        let found = config
+            .nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.iface_id(*i) == o.iface_id);
         match found {
             Some((_, n)) => n.tap = o.host_dev_name,
             None => {
