@@ -5,6 +5,8 @@
 
 pub mod bus;
 pub mod legacy;
+#[cfg(test)]
+mod scratch;
 pub mod serial;
 pub mod virtio;
 

@@ -366,16 +366,17 @@ fn lock(file: &File, readonly: bool, path: &Path) -> Result<(), DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::os::unix::fs::FileExt;
 
     /// A scratch image of `len` bytes in the test's temporary directory.
-    pub(crate) fn scratch(name: &str, len: u64) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ligera-disk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// (Its directory's guard: the directory goes when it is dropped.)
+    pub(crate) fn scratch(name: &str, len: u64) -> (Scratch, PathBuf) {
+        let dir = Scratch::new("disk");
         let path = dir.join(name);
         let f = File::create(&path).unwrap();
         f.set_len(len).unwrap();
-        path
+        (dir, path)
     }
 
     fn iov(buf: &mut [u8]) -> libc::iovec {
@@ -387,16 +388,16 @@ mod tests {
 
     #[test]
     fn capacity_rounds_down_to_whole_sectors() {
-        let p = scratch("odd.img", 5 * 512 + 100);
+        let (_dir, p) = scratch("odd.img", 5 * 512 + 100);
         let d = DiskImage::open(&p, false).unwrap();
         assert_eq!(d.sectors(), 5);
-        let p = scratch("tiny.img", 100);
+        let (_dir, p) = scratch("tiny.img", 100);
         assert_eq!(DiskImage::open(&p, true).unwrap().sectors(), 0);
     }
 
     #[test]
     fn vectored_io_round_trips() {
-        let p = scratch("rw.img", 8192);
+        let (_dir, p) = scratch("rw.img", 8192);
         let d = DiskImage::open(&p, false).unwrap();
         let mut a = vec![1u8; 700];
         let mut b = vec![2u8; 324];
@@ -419,7 +420,7 @@ mod tests {
 
     #[test]
     fn readonly_images_refuse_writes() {
-        let p = scratch("ro.img", 4096);
+        let (_dir, p) = scratch("ro.img", 4096);
         let d = DiskImage::open(&p, true).unwrap();
         let mut a = vec![1u8; 512];
         // SAFETY: the iovec points into `a`.
@@ -431,7 +432,7 @@ mod tests {
 
     #[test]
     fn write_zeroes_and_discard_read_back_zeros() {
-        let p = scratch("wz.img", 1 << 20);
+        let (_dir, p) = scratch("wz.img", 1 << 20);
         let d = DiskImage::open(&p, false).unwrap();
         d.file.write_all_at(&vec![0xaa; 1 << 20], 0).unwrap();
         d.write_zeroes(4096, 8192, false).unwrap();
@@ -453,7 +454,7 @@ mod tests {
 
     #[test]
     fn writable_images_are_exclusive_readonly_shared() {
-        let p = scratch("lock.img", 4096);
+        let (_dir, p) = scratch("lock.img", 4096);
         let w = DiskImage::open(&p, false).unwrap();
         let e = DiskImage::open(&p, false).unwrap_err();
         assert!(matches!(e, DiskError::Locked { .. }), "{e}");
@@ -481,7 +482,8 @@ mod tests {
         let e = DiskImage::open(&dir, true).unwrap_err();
         assert!(matches!(e, DiskError::NotADisk { .. }), "{e}");
         // A FIFO is refused without hanging.
-        let fifo = scratch("fifo-placeholder", 0).with_file_name("fifo");
+        let (_dir, placeholder) = scratch("fifo-placeholder", 0);
+        let fifo = placeholder.with_file_name("fifo");
         let _ = std::fs::remove_file(&fifo);
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid NUL-terminated path.

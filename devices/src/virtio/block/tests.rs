@@ -1,6 +1,8 @@
 //! The block device driven through a mock split queue in real guest memory.
 
 use std::path::PathBuf;
+
+use crate::scratch::Scratch;
 use virtio_queue::QueueT;
 
 use virtio_bindings::virtio_blk::*;
@@ -37,13 +39,14 @@ fn pattern(offset: u64) -> u8 {
     (offset / 512 * 7 + offset % 251) as u8
 }
 
-fn image(name: &str, len: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ligera-blk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A disk image of `len` bytes of [`pattern`], in its own scratch
+/// directory (removed with the returned guard).
+fn image(name: &str, len: u64) -> (Scratch, PathBuf) {
+    let dir = Scratch::new("blk");
     let path = dir.join(name);
     let bytes: Vec<u8> = (0..len).map(pattern).collect();
     std::fs::write(&path, bytes).unwrap();
-    path
+    (dir, path)
 }
 
 struct Harness {
@@ -51,6 +54,7 @@ struct Harness {
     block: Block,
     irq: EventFd,
     path: PathBuf,
+    _scratch: Scratch,
     /// Next free descriptor table slot.
     next: u16,
     /// Chains put in the avail ring so far.
@@ -72,7 +76,7 @@ impl Harness {
     }
 
     fn with(name: &str, len: u64, readonly: bool, id: Option<&str>, features: u64) -> Harness {
-        let path = image(name, len);
+        let (scratch, path) = image(name, len);
         let disk = DiskImage::open(&path, readonly).unwrap();
         let mut block = Block::new(disk, id).unwrap();
         let mem = mem();
@@ -98,6 +102,7 @@ impl Harness {
             block,
             irq,
             path,
+            _scratch: scratch,
             next: 0,
             chains: 0,
             avail,
@@ -684,7 +689,7 @@ fn work_per_event_is_bounded_and_rearmed() {
 
 #[test]
 fn notifications_before_activation_and_after_reset_are_ignored() {
-    let path = image("early.img", 4096);
+    let (_scratch, path) = image("early.img", 4096);
     let mut block = Block::new(DiskImage::open(&path, false).unwrap(), None).unwrap();
     block.queue_events[0].write(1).unwrap();
     block.process_queue();
@@ -742,7 +747,7 @@ fn the_transport_refuses_bad_queues_for_the_block_device() {
     use crate::BusDevice;
     use crate::virtio::mmio::{MmioTransport, STATUS_NEEDS_RESET};
     use std::sync::Mutex;
-    let path = image("transport.img", 4096);
+    let (_scratch, path) = image("transport.img", 4096);
     for (size, ok) in [
         (256u32, true),
         (128, true),

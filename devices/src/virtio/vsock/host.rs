@@ -192,18 +192,18 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
-    fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ligera-vsock-host-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// A socket path in its own scratch directory (removed with the guard).
+    fn tmp(name: &str) -> (Scratch, PathBuf) {
+        let dir = Scratch::new("vsock-host");
         let p = dir.join(name);
-        let _ = std::fs::remove_file(&p);
-        p
+        (dir, p)
     }
 
     #[test]
     fn bind_in_use_stale_and_cleanup() {
-        let path = tmp("a.sock");
+        let (_dir, path) = tmp("a.sock");
         let first = HostListener::bind(&path).unwrap();
         assert!(matches!(
             HostListener::bind(&path),
@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn dropping_does_not_remove_a_replaced_socket() {
-        let path = tmp("b.sock");
+        let (_dir, path) = tmp("b.sock");
         let first = HostListener::bind(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         let second = HostListener::bind(&path).unwrap();
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn connector_uses_path_underscore_port() {
-        let base = tmp("c.sock");
+        let (_dir, base) = tmp("c.sock");
         let c = PathConnector::new(&base);
         let target = c.path_for(52);
         assert_eq!(target.file_name().unwrap(), "c.sock_52");
@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn full_backlog_does_not_block() {
-        let path = tmp("d.sock");
+        let (_dir, path) = tmp("d.sock");
         let l = UnixListener::bind(&path).unwrap();
         // Nobody accepts: the backlog fills and connects fail at once.
         let mut held = Vec::new();

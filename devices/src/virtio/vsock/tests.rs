@@ -10,6 +10,8 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+
+use crate::scratch::Scratch;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -141,14 +143,7 @@ struct Rig {
     /// RX buffers posted: head -> (address, length).
     rx_bufs: std::collections::HashMap<u16, (u64, u32)>,
     peers: Option<PairConnector>,
-    _dir: Option<PathBuf>,
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ligera-vsock-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    _dir: Option<Scratch>,
 }
 
 impl Rig {
@@ -163,13 +158,13 @@ impl Rig {
 
     /// A device with a real host socket in a fresh directory.
     fn with_socket(name: &str) -> (Rig, PathBuf) {
-        let dir = tmpdir(name);
+        let dir = Scratch::new(&format!("vsock-{name}"));
         let path = dir.join("v.sock");
         let dev = Vsock::new(CID as u32, &path).unwrap();
         (Rig::build(dev, Some(dir)), path)
     }
 
-    fn build(dev: Vsock, dir: Option<PathBuf>) -> Rig {
+    fn build(dev: Vsock, dir: Option<Scratch>) -> Rig {
         let mem = mem();
         let (rx, rxq) = DriverQueue::new(&mem, 0x0);
         let (tx, txq) = DriverQueue::new(&mem, 0x10000);
