@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use agent::protocol::{
     self, CopyRequest, ExecRequest, ExitStatus, Frame, FrameError, Hello, INITIAL_CREDIT, Kind,
-    Setup, StartError, StartErrorKind, read_frame, write_frame, write_json,
+    Setup, StartErrorKind, read_frame, write_frame, write_json,
 };
 
 mod spawn;
@@ -509,15 +509,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
                     error: None,
                     oom_killed: false,
                 },
-                Err(e) => ExitStatus {
-                    code: None,
-                    signal: None,
-                    error: Some(StartError {
-                        kind: StartErrorKind::Other,
-                        message: e.to_string(),
-                    }),
-                    oom_killed: false,
-                },
+                Err(e) => ExitStatus::not_started(StartErrorKind::Other, e.to_string()),
             };
             send_json(out, Kind::Exited, &status)?;
             return Ok(());
@@ -538,15 +530,8 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
     if let Some(setup) = &req.setup
         && let Err(e) = apply_setup(setup)
     {
-        let status = ExitStatus {
-            code: None,
-            signal: None,
-            error: Some(StartError {
-                kind: StartErrorKind::Other,
-                message: format!("setting the guest up: {e}"),
-            }),
-            oom_killed: false,
-        };
+        let status =
+            ExitStatus::not_started(StartErrorKind::Other, format!("setting the guest up: {e}"));
         send_json(out, Kind::Exited, &status)?;
         return Ok(());
     }
@@ -558,15 +543,7 @@ fn handle(input: &mut File, out: &Shared<File>, root: &Path) -> Result<(), Frame
                 io::ErrorKind::PermissionDenied => StartErrorKind::NotExecutable,
                 _ => StartErrorKind::Other,
             };
-            let status = ExitStatus {
-                code: None,
-                signal: None,
-                error: Some(StartError {
-                    kind,
-                    message: format!("{}: {e}", req.argv[0]),
-                }),
-                oom_killed: false,
-            };
+            let status = ExitStatus::not_started(kind, format!("{}: {e}", req.argv[0]));
             send_json(out, Kind::Exited, &status)?;
             return Ok(());
         }

@@ -292,6 +292,16 @@ pub enum StartErrorKind {
 }
 
 impl ExitStatus {
+    /// A command that could not be started, and why.
+    pub fn not_started(kind: StartErrorKind, message: String) -> ExitStatus {
+        ExitStatus {
+            code: None,
+            signal: None,
+            error: Some(StartError { kind, message }),
+            oom_killed: false,
+        }
+    }
+
     /// The status `ligera sandbox run` exits with, as `docker run` and a
     /// shell do: the command's, 128+N for signal N, 126/127 when it could
     /// not be started, 125 for other failures to start it.
