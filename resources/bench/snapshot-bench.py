@@ -10,7 +10,8 @@
    each timed from exec to its first KVM_RUN (ligera's debug line
    "vCPUs started (CLOCK_MONOTONIC N ns)" against the bench's own
    CLOCK_MONOTONIC before exec) and from exec to the guest answering on
-   vsock (an echo through the guest's server).
+   vsock (an echo through the guest's server). Each run starts once the
+   processes of the one before are gone (a VM's teardown outlives it).
 2. sandbox: N interleaved `ligera sandbox run -- true` from the cached
    snapshot and with --no-snapshot (a cold boot), wall time.
 3. density: host memory (PSS of every process of the sandbox, so pages
@@ -191,6 +192,27 @@ def cold_round(ligera, kernel, initrd, mib, work):
                       *linux_vm_args(kernel, initrd, mib, vsock, ["--serial", "none"])], vsock, 600)
 
 
+def quiesce(ligera, timeout=10):
+    """Waits until no process of `ligera` is left: a stopped VM's memory is
+    freed and its VM destroyed by a child that outlives it, which would
+    otherwise share the CPUs with the next timed run."""
+    exe = os.path.realpath(ligera)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                try:
+                    busy = os.readlink(f"/proc/{p}/exe") == exe
+                except OSError:
+                    continue
+                if busy:
+                    break
+        if not busy:
+            return
+        time.sleep(0.01)
+
+
 def descendants(pid):
     """pid and every process under it."""
     children = {}
@@ -355,6 +377,7 @@ def main():
                 for k, f in (("restore-128M", lambda: restore_round(args.ligera, snaps[128], work)),
                              ("restore-2G", lambda: restore_round(args.ligera, snaps[2048], work)),
                              ("cold-128M", lambda: cold_round(args.ligera, kernel, initrd, 128, work))):
+                    quiesce(args.ligera)
                     kvm, answered = f()
                     r[k][0].append(kvm)
                     r[k][1].append(answered)
@@ -392,9 +415,11 @@ def main():
             a = {"start": [], "run": [], "gets": []}
             for i in range(args.runs):
                 progress(f"api round {i + 1}/{args.runs}")
+                quiesce(args.ligera)
                 kvm, gets = api_round(link, kernel, initrd, work)
                 a["start"].append(kvm)
                 a["gets"].append(gets)
+                quiesce(args.ligera)
                 a["run"].append(run_exec_to_kvm(args.ligera, kernel, initrd, work))
             print("Firecracker API:")
             show("InstanceStart -> first KVM_RUN", a["start"])

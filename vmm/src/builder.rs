@@ -159,7 +159,10 @@ fn msr_list(kvm: &Kvm) -> Result<Vec<u32>> {
 fn restore(config: &VmConfig, source: &crate::config::RestoreConfig) -> Result<Vm> {
     use crate::snapshot;
     let started = std::time::Instant::now();
-    let snapshot = snapshot::read_state(&source.state)?;
+    let snapshot = match &source.read.0 {
+        Some(read) => read.clone(),
+        None => std::sync::Arc::new(snapshot::read_state(&source.state)?),
+    };
     let mismatch = |reason: String| BuildError::Restore {
         path: source.state.clone(),
         reason,

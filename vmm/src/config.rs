@@ -122,7 +122,32 @@ pub struct VmConfig {
 pub struct RestoreConfig {
     pub state: PathBuf,
     pub memory: PathBuf,
+    /// The state file as read by whoever took the configuration from it:
+    /// the builder restores this instead of reading the file again, and
+    /// the jail does not bind the file.
+    #[serde(skip)]
+    pub read: ReadState,
 }
+
+/// A state file already read and checked (see [`RestoreConfig::read`]).
+#[derive(Clone, Default)]
+pub struct ReadState(pub Option<std::sync::Arc<crate::snapshot::Snapshot>>);
+
+impl std::fmt::Debug for ReadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "read" } else { "unread" })
+    }
+}
+
+/// Two restores are the same if they name the same files: what was read
+/// from them is a cache.
+impl PartialEq for ReadState {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ReadState {}
 
 fn on() -> bool {
     true

@@ -788,7 +788,8 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
     check_file(&format!("{WHAT}: memory file"), &memory, false)?;
     let snapshot = crate::snapshot::read_state(&body.snapshot_path)
         .map_err(|e| format!("{WHAT}: cannot load the snapshot: {e}"))?;
-    let mut config = snapshot.config;
+    let snapshot = std::sync::Arc::new(snapshot);
+    let mut config = snapshot.config.clone();
     config.serial = SerialConfig::Stdio;
     config.api_socket = None;
     config.seccomp = seccomp;
@@ -821,6 +822,7 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
     config.restore = Some(RestoreConfig {
         state: body.snapshot_path,
         memory,
+        read: crate::config::ReadState(Some(snapshot)),
     });
     Ok((config, !body.resume_vm.unwrap_or(false)))
 }

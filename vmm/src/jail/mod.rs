@@ -249,7 +249,9 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
     if let Some(restore) = &mut config.restore {
         // A restored VM reads its snapshot, not its kernel.
         restore.state = regular("--state", &restore.state, false)?;
-        mounts.push(file(restore.state.clone(), false));
+        if restore.read.0.is_none() {
+            mounts.push(file(restore.state.clone(), false));
+        }
         restore.memory = regular("--memory", &restore.memory, false)?;
         mounts.push(file(restore.memory.clone(), false));
     } else {
@@ -545,7 +547,6 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     let (mounts, sockets) = place(config)?;
     // Read while /sys is still there.
     crate::host::is_emulating_nested_host();
-    remove_stale(&spec.base);
     let me = std::process::id();
     let root = spec.base.join(me.to_string());
     // One named by our own pid is a previous life's (ligera as PID 1 of a
@@ -726,6 +727,9 @@ fn fork_jailed(
             }
         };
     }
+    // While the VM process makes its namespaces, the supervisor removes
+    // what the jails of dead supervisors left (ours is alive).
+    remove_stale(&spec.base);
     // SAFETY: our copy of the read end (the write end stays open until we
     // exit); every signal blocked, so none ends the supervisor before it
     // has cleaned up: `supervise` takes them all.

@@ -77,9 +77,13 @@ pub fn restore_from_template(config: &mut VmConfig) -> Result<(), String> {
     // Marks it used (see `prune`).
     let _ = std::fs::File::open(&dir).and_then(|d| d.set_modified(std::time::SystemTime::now()));
     copy_sparse(&template.scratch, &scratch)?;
+    // Read here, outside the jail; a state file that does not read is
+    // said by the builder, which reads it again.
+    let read = crate::snapshot::read_state(&template.state).ok();
     config.restore = Some(RestoreConfig {
         state: template.state,
         memory: template.memory,
+        read: crate::config::ReadState(read.map(std::sync::Arc::new)),
     });
     Ok(())
 }

@@ -129,7 +129,8 @@ pub fn restore_config(
             return Err(EXIT_VMM_ERROR);
         }
     };
-    let mut config = snapshot.config;
+    let snapshot = std::sync::Arc::new(snapshot);
+    let mut config = snapshot.config.clone();
     config.serial = args.serial;
     config.api_socket = args.api_sock;
     config.seccomp = args.seccomp == OnOff::On;
@@ -148,6 +149,7 @@ pub fn restore_config(
     config.restore = Some(RestoreConfig {
         state: args.state,
         memory: args.memory,
+        read: crate::config::ReadState(Some(snapshot)),
     });
     Ok((config, args.jail))
 }
