@@ -184,9 +184,9 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
         lines.next(),
         Some("suite,case,unit,runtime,median,min,max,ratio_to_process,runs,skipped")
     );
-    assert_eq!(lines.count(), 6, "{text}");
+    assert_eq!(lines.count(), 8, "{text}");
     // The plot: well-formed SVG, one labelled element per runtime and case
-    // (three panels: startup/running, startup/exit, cpu/events).
+    // (four panels: startup/running, startup/exit, startup/port, cpu/events).
     let text = std::fs::read_to_string(&svg).unwrap();
     let doc = roxmltree::Document::parse(&text).expect("well-formed SVG");
     assert_eq!(doc.root_element().tag_name().name(), "svg");
@@ -200,13 +200,16 @@ fn process_and_container_side_by_side_in_json_csv_and_a_table() {
             .iter()
             .filter(|l| l.starts_with(&format!("{runtime}: ")))
             .count();
-        assert_eq!(n, 3, "{runtime} in {labels:?}");
+        assert_eq!(n, 4, "{runtime} in {labels:?}");
     }
     assert_eq!(
         labels.iter().filter(|l| l.ends_with(": skipped")).count(),
-        2,
-        "cpu is skipped for both: {labels:?}"
+        4,
+        "cpu and the port case are skipped for both: {labels:?}"
     );
+    // The busybox image has no socat for the port case's server.
+    let port = figure(&report, "startup", "port", "runc");
+    assert_eq!(port["skipped"], "the image has no socat", "{port}");
     assert_nothing_left();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -235,7 +238,7 @@ fn the_bench_image_suites_in_a_container_and_a_process() {
     let (stdout, _, report) = bench_report(
         &[
             "--suite",
-            "cpu,memory,disk,net,density",
+            "startup,cpu,memory,disk,net,density",
             "--runtime",
             "process,runc",
             "--runs",
@@ -290,6 +293,16 @@ fn the_bench_image_suites_in_a_container_and_a_process() {
         let all = median(&report, "density", "memory", runtime);
         assert!(all > mem, "{runtime}: 3 instances {all} MiB, one {mem} MiB");
     }
+    // The port case: a one-connection echo server in each new instance
+    // answers the host side, and a container's takes longer to.
+    let (p, r) = (
+        median(&report, "startup", "port", "process"),
+        median(&report, "startup", "port", "runc"),
+    );
+    assert!(
+        p > 0.0 && r > p && r < 60_000.0,
+        "port: process {p} ms, runc {r} ms"
+    );
     // A container's start costs more than a process's.
     assert!(
         median(&report, "density", "all-up", "runc")
@@ -505,6 +518,13 @@ fn the_vm_runs_beside_the_container_and_the_process() {
     let running = median(&report, "startup", "running", "vm");
     let exit = median(&report, "startup", "exit", "vm");
     assert!(running <= exit, "output after exit? {running} > {exit}");
+    // A new VM on its own tap, its eth0 set up by the agent: its echo
+    // server answers the host side, after a boot (`--net` boots cold).
+    let port = median(&report, "startup", "port", "vm");
+    assert!(
+        port > 10.0 * median(&report, "startup", "port", "process"),
+        "vm port {port} ms"
+    );
     // sysbench and fio ran in the VM and reported figures.
     let vm = figure(&report, "cpu", "events", "vm");
     assert!(vm["median"].as_f64().unwrap_or_else(|| panic!("{vm}")) > 0.0);

@@ -86,21 +86,28 @@ def smaps_rollup(pid, key):
 def smaps_outside_guest(pid, guest_bytes, key="Rss:"):
     """RSS (KiB; or `key`, e.g. "Pss:") of every mapping but the guest
     memory, and of the guest memory."""
-    outside = guest = 0
-    size = rss = None
+    return smaps_outside_guest_keys(pid, guest_bytes, (key,))[key]
+
+
+def smaps_outside_guest_keys(pid, guest_bytes, keys):
+    """{key: (KiB outside the guest memory, KiB of the guest memory)} for
+    each smaps field in `keys`, from one read of /proc/PID/smaps."""
+    found = {k: [0, 0] for k in keys}
+    size = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             parts = line.split()
             if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
                 size = end - start
-            elif parts[0] == key:
-                rss = int(parts[1])
-                if size == guest_bytes and not guest:
-                    guest = rss
+            elif parts[0] in found:
+                kib = int(parts[1])
+                totals = found[parts[0]]
+                if size == guest_bytes and not totals[1]:
+                    totals[1] = kib
                 else:
-                    outside += rss
-    return outside, guest
+                    totals[0] += kib
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def wait_output(proc, marker, timeout):

@@ -89,14 +89,16 @@ def sandboxes_sampled(ligera, image, memory_mib, env, argv, n):
                         pids += [proc.pid, *map(int, f.read().split())]
                 except (OSError, ValueError):
                     pass
+            total = dict.fromkeys(peak, 0)
+            for p in pids:
+                try:
+                    found = boot_bench.smaps_outside_guest_keys(p, memory_mib << 20, tuple(peak))
+                except (OSError, ValueError):
+                    continue
+                for key in peak:
+                    total[key] += found[key][0]
             for key in peak:
-                total = 0
-                for p in pids:
-                    try:
-                        total += boot_bench.smaps_outside_guest(p, memory_mib << 20, key)[0]
-                    except (OSError, ValueError):
-                        pass
-                peak[key] = max(peak[key], total)
+                peak[key] = max(peak[key], total[key])
             time.sleep(0.1)
 
     t = threading.Thread(target=sample)

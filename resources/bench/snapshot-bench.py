@@ -28,6 +28,7 @@ exec to first KVM_RUN; 1000 GET /machine-config < 1 s. These machines are
 shared and noisy and emulate guest code: compare the ratios of one run.
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -45,15 +46,14 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CMDLINE = ("console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp "
            "i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet")
 KVM_RUN = re.compile(rb"vCPUs started \(CLOCK_MONOTONIC (\d+) ns\)")
+_spec = importlib.util.spec_from_file_location("boot_bench", os.path.join(HERE, "boot-bench.py"))
+boot_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(boot_bench)
+image_path = boot_bench.image_path
 
 
 def progress(msg):
     print(f"snapshot-bench: {msg}", file=sys.stderr, flush=True)
-
-
-def image_path(script, *args):
-    return subprocess.run([os.path.join(ROOT, "resources", script), "--print-path", *args],
-                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
 
 def stop(proc, sig=signal.SIGTERM):
@@ -355,10 +355,7 @@ def main():
     ap.add_argument("--density", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: restore,sandbox,density,api")
     args = ap.parse_args()
-    # SIGTERM and SIGHUP end the bench through its `finally` blocks, as
-    # Ctrl-C does: what it started is stopped and its files removed.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda n, _: sys.exit(128 + n))
+    boot_bench.exit_on_signals()
     skip = set(filter(None, args.skip.split(",")))
     if not os.access(args.ligera, os.X_OK):
         sys.exit(f"no {args.ligera}: build with cargo build --release (setup does)")

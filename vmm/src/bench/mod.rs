@@ -44,6 +44,10 @@ pub enum Suite {
     /// iperf3 throughput and TCP request/response round trips between the
     /// host side and the instance (loopback, veth, tap).
     Net,
+    /// Part of `startup`, run after it: spawn → a TCP echo server in a new
+    /// instance answering the host side.
+    #[value(skip)]
+    Port,
 }
 
 #[derive(Debug, clap::Args)]
@@ -202,6 +206,7 @@ impl Suite {
             Suite::Disk => "disk",
             Suite::Density => "density",
             Suite::Net => "net",
+            Suite::Port => "startup",
         }
     }
 
@@ -238,6 +243,7 @@ impl Suite {
             }
             Suite::Density => format!("echo {}; read x || :", runtime::READY),
             Suite::Net => net::server_script(),
+            Suite::Port => net::port_script(),
         }
     }
 
@@ -248,6 +254,7 @@ impl Suite {
             Suite::Cpu | Suite::Memory => &["sysbench"],
             Suite::Disk => &["fio"],
             Suite::Net => &["iperf3", "socat"],
+            Suite::Port => &["socat"],
         }
     }
 
@@ -255,6 +262,11 @@ impl Suite {
     /// bench's persistent sandbox instead of a new VM each.
     fn in_sandbox(self) -> bool {
         matches!(self, Suite::Cpu | Suite::Memory | Suite::Disk | Suite::Net)
+    }
+
+    /// Whether its instances are reached over the bench's network.
+    fn net(self) -> bool {
+        matches!(self, Suite::Net | Suite::Port)
     }
 
     /// Whether its runs hold (print READY and wait) to be measured.
@@ -343,6 +355,16 @@ impl Suite {
                     },
                 },
             ],
+            Suite::Port => vec![Case {
+                name: "port",
+                unit: "ms",
+                better: "lower",
+                read: |r| {
+                    r[0].port
+                        .map(ms)
+                        .ok_or_else(|| "the port did not answer".to_string())
+                },
+            }],
             Suite::Net => vec![
                 Case {
                     name: "tcp",
@@ -471,6 +493,9 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
     for &s in &args.suite {
         if !suites.contains(&s) {
             suites.push(s);
+            if s == Suite::Startup {
+                suites.push(Suite::Port);
+            }
         }
     }
     // Loop mounts go in a mount namespace of our own, which goes away with
@@ -510,7 +535,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
         (rootfs.clone(), None)
     };
     let mut net_problem = None;
-    let net = if !suites.contains(&Suite::Net) {
+    let net = if !suites.contains(&Suite::Net) && !suites.contains(&Suite::Port) {
         None
     } else if !root {
         net_problem = Some("network namespaces need root".to_string());
@@ -558,7 +583,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
             .iter()
             .find(|tool| !image_has(&setup.rootfs, tool))
             .map(|tool| format!("the image has no {tool}"))
-            .or_else(|| (suite == Suite::Net).then(|| net_problem.clone()).flatten());
+            .or_else(|| suite.net().then(|| net_problem.clone()).flatten());
         let script = suite.script(args);
         let instances = suite.instances(args);
         // figures[case][runtime]
@@ -613,7 +638,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     script: &script,
                     in_sandbox: suite.in_sandbox(),
                     hold: suite.hold(),
-                    net: suite == Suite::Net,
+                    net: suite.net(),
                 };
                 let mut group = Vec::new();
                 for _ in 0..instances {
@@ -631,8 +656,18 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                 };
                 let during: Option<&dyn Fn() -> Result<(f64, f64), String>> =
                     (suite == Suite::Net).then_some(&measure);
-                let runs =
+                // The port case: the host side knocks from the spawn on.
+                let knock = match (&setup.net, suite) {
+                    (Some(n), Suite::Port) => Some(net::Knock::start(n, kind)?),
+                    _ => None,
+                };
+                let mut runs =
                     runtime::finish(group, suite.hold(), during, run_limit(args, instances))?;
+                if let (Some(knock), Some(run)) = (knock, runs.first_mut()) {
+                    run.port = knock
+                        .answered()
+                        .and_then(|at| at.checked_duration_since(run.start));
+                }
                 spent[k] += run_started.elapsed();
                 made[k] += 1;
                 if let Some(bad) = runs.iter().find(|r| r.status != 0 || r.timed_out.is_some()) {

@@ -24,10 +24,15 @@ use super::runtime::{Kind, READY, container_prefix};
 
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 5202;
+/// The startup suite's port case: a one-connection echo server.
+const KNOCK_PORT: u16 = 5203;
 const CONTAINER_HOST: Ipv4Addr = Ipv4Addr::new(10, 213, 1, 1);
 const CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 213, 1, 2);
 const VM_HOST: Ipv4Addr = Ipv4Addr::new(10, 213, 2, 1);
 const VM: Ipv4Addr = Ipv4Addr::new(10, 213, 2, 2);
+/// The port case's new VMs, on a tap of their own.
+const PORT_VM_HOST: Ipv4Addr = Ipv4Addr::new(10, 213, 3, 1);
+const PORT_VM: Ipv4Addr = Ipv4Addr::new(10, 213, 3, 2);
 /// How long a server may take to answer after the workload said it is up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Round trips per measurement at most (else --duration ends it).
@@ -38,6 +43,8 @@ pub struct Net {
     host: String,
     container: String,
     tap: String,
+    /// The tap of the port case's VMs, one at a time.
+    port_tap: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -71,10 +78,11 @@ impl Net {
             host,
             container,
             tap: format!("lbt{pid}"),
+            port_tap: format!("lbp{pid}"),
         };
         let veth = format!("lbv{pid}");
         let (h, c) = (net.host.as_str(), net.container.as_str());
-        let tap = net.tap.as_str();
+        let (tap, port_tap) = (net.tap.as_str(), net.port_tap.as_str());
         let steps = [
             format!("netns add {h}"),
             format!("netns add {c}"),
@@ -88,6 +96,9 @@ impl Net {
             format!("-n {h} tuntap add dev {tap} mode tap"),
             format!("-n {h} addr add {VM_HOST}/24 dev {tap}"),
             format!("-n {h} link set {tap} up"),
+            format!("-n {h} tuntap add dev {port_tap} mode tap"),
+            format!("-n {h} addr add {PORT_VM_HOST}/24 dev {port_tap}"),
+            format!("-n {h} link set {port_tap} up"),
         ];
         for step in &steps {
             // Names and addresses hold no spaces.
@@ -118,6 +129,11 @@ impl Net {
         format!("tap={},ip={VM}/24,gw={VM_HOST}", self.tap)
     }
 
+    /// `--net` of the port case's new VMs.
+    pub fn vm_port_flag(&self) -> String {
+        format!("tap={},ip={PORT_VM}/24,gw={PORT_VM_HOST}", self.port_tap)
+    }
+
     /// Where the host side reaches `kind`'s servers.
     pub fn address(kind: Kind) -> Ipv4Addr {
         match kind {
@@ -146,6 +162,68 @@ pub fn server_script() -> String {
          socat TCP-LISTEN:{ECHO_PORT},reuseaddr,nodelay PIPE & b=$!; \
          echo {READY}; read x || :; kill $a $b 2>/dev/null; exit 0"
     )
+}
+
+/// The port case's workload: socat echoing one connection, then exiting.
+pub fn port_script() -> String {
+    format!("exec socat TCP-LISTEN:{KNOCK_PORT},reuseaddr PIPE")
+}
+
+/// The port case's client: from the host side, it connects to the new
+/// instance's server again and again from its spawn on, until a byte it
+/// sends comes back; that ends the server, and with it the run.
+pub struct Knock {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<Instant>>,
+}
+
+impl Knock {
+    pub fn start(net: &Net, kind: Kind) -> Result<Knock, BenchError> {
+        let ns = net.host_side()?;
+        let addr = match kind {
+            Kind::Vm => PORT_VM,
+            _ => Net::address(kind),
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("knock".into())
+            .spawn(move || knock(&ns, addr, &stopped))
+            .map_err(|e| BenchError::Setup(format!("cannot start a thread: {e}")))?;
+        Ok(Knock { stop, thread })
+    }
+
+    /// When the server answered, once its run has ended (None: it never
+    /// did).
+    pub fn answered(self) -> Option<Instant> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().ok().flatten()
+    }
+}
+
+/// On this thread: enters `ns` and knocks at `addr` until answered or
+/// stopped.
+fn knock(ns: &OwnedFd, addr: Ipv4Addr, stop: &std::sync::atomic::AtomicBool) -> Option<Instant> {
+    // SAFETY: setns on this thread only (a thread of our own).
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return None;
+    }
+    let target = SocketAddr::from((addr, KNOCK_PORT));
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        // A guest not up yet does not answer ARP: each try waits a little.
+        if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+            let mut byte = [0u8; 1];
+            let echoed = s.set_read_timeout(Some(Duration::from_secs(10))).is_ok()
+                && s.write_all(b"k").is_ok()
+                && s.read_exact(&mut byte).is_ok()
+                && byte == *b"k";
+            if echoed {
+                return Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 /// `cmd` starts in the network namespace `ns`.

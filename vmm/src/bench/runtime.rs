@@ -36,6 +36,8 @@ pub struct Run {
     /// The net suite's throughput (Gbit/s) and round trip (µs), measured
     /// while it held.
     pub net: Option<Result<(f64, f64), String>>,
+    /// Spawn to the port case's server answering (see `net::Knock`).
+    pub port: Option<Duration>,
     /// Spawn to exit.
     pub exit: Duration,
     /// Ended by the bench after this long.
@@ -271,6 +273,12 @@ impl Runtime {
                     None => {
                         cmd.args(["sandbox", "run"]);
                         vm_options(&mut cmd, setup);
+                        if let (Some(net), true) = (&setup.net, job.net) {
+                            // A new VM on the port case's own tap, which the
+                            // bench's sandbox (on the other) never holds.
+                            cmd.arg("--net").arg(net.vm_port_flag());
+                            super::net::enter(&mut cmd, net.host_side()?);
+                        }
                         Probe::Tree(None)
                     }
                 };
@@ -583,6 +591,7 @@ pub fn finish(
         runs.push(Run {
             timed_out: None,
             net: net.take(),
+            port: None,
             start,
             first_output,
             ready,

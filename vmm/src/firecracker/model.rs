@@ -448,10 +448,8 @@ impl Resources {
             partuuid: body.partuuid,
             cache_type: body.cache_type.unwrap_or_else(|| "Unsafe".into()),
         };
-        match self.drives.iter_mut().find(|d| d.id == drive.id) {
-            Some(d) => *d = drive,
-            None => self.drives.push(drive),
-        }
+        let id = drive.id.clone();
+        upsert(&mut self.drives, drive, |d| d.id == id);
         self.touched = true;
         Ok(())
     }
@@ -493,10 +491,8 @@ impl Resources {
             tap,
             mac,
         };
-        match self.nets.iter_mut().find(|n| n.id == net.id) {
-            Some(n) => *n = net,
-            None => self.nets.push(net),
-        }
+        let id = net.id.clone();
+        upsert(&mut self.nets, net, |n| n.id == id);
         self.touched = true;
         Ok(())
     }
@@ -825,6 +821,14 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
         read: crate::config::ReadState(Some(snapshot)),
     });
     Ok((config, !body.resume_vm.unwrap_or(false)))
+}
+
+/// Replaces the item of `list` that `same` picks with `item`, or appends it.
+fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
+    match list.iter_mut().find(|x| same(x)) {
+        Some(x) => *x = item,
+        None => list.push(item),
+    }
 }
 
 #[cfg(test)]
