@@ -353,6 +353,10 @@ impl Vm {
 /// PR_SET_PDEATHSIG kills it), so all of that happens when the child ends,
 /// and whoever waits for ligera sees it exit at once. If the child cannot be
 /// made, the teardown simply happens at exit as usual.
+/// The name (`/proc/PID/comm`) of the child that destroys a VM once its
+/// ligera has exited, while it does.
+pub const TEARDOWN_NAME: &std::ffi::CStr = c"ligera-teardown";
+
 pub(crate) fn hand_off_teardown(vm_fd: RawFd) {
     const STACK_SIZE: usize = 16 * 1024;
     /// What the child needs: who to outlive, and the one descriptor to keep.
@@ -384,6 +388,12 @@ pub(crate) fn hand_off_teardown(vm_fd: RawFd) {
                     raw_syscall(libc::SYS_pause, [0; 3]);
                 }
             }
+            // Named while it destroys the VM (as it exits), so that a
+            // benchmark can wait for that to be done.
+            raw_syscall(
+                libc::SYS_prctl,
+                [libc::PR_SET_NAME as u64, TEARDOWN_NAME.as_ptr() as u64, 0],
+            );
             raw_syscall(libc::SYS_exit, [0; 3]);
         }
         0

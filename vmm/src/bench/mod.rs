@@ -473,6 +473,25 @@ pub fn median(v: &[f64]) -> Option<f64> {
     })
 }
 
+/// Waits (at most 10 s) until the VMs of earlier runs are destroyed: their
+/// teardown outlives their ligera (see `vm::hand_off_teardown`), and would
+/// share the CPUs with the next run.
+fn settle() {
+    let name = crate::vm::TEARDOWN_NAME.to_bytes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let busy = || {
+        std::fs::read_dir("/proc").is_ok_and(|d| {
+            d.flatten().any(|e| {
+                std::fs::read(e.path().join("comm"))
+                    .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == name)
+            })
+        })
+    };
+    while busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `ligera bench`.
 pub fn bench(args: BenchArgs) -> i32 {
     match run_bench(&args) {
@@ -640,6 +659,7 @@ fn run_bench(args: &BenchArgs) -> Result<(), BenchError> {
                     hold: suite.hold(),
                     net: suite.net(),
                 };
+                settle();
                 let mut group = Vec::new();
                 for _ in 0..instances {
                     group.push(rt.start(&setup, &job)?);
