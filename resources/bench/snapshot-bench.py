@@ -8,7 +8,8 @@
      restore-2G     ligera snapshot restore of the 2 GiB snapshot
      cold-128M      ligera run booting the same VM
    each timed from exec to its first KVM_RUN (ligera's debug line
-   "vCPUs started (CLOCK_MONOTONIC N ns)" against the bench's own
+   "vCPU I: first KVM_RUN (CLOCK_MONOTONIC N ns)", written by the vCPU
+   thread just before it first enters the guest, against the bench's own
    CLOCK_MONOTONIC before exec) and from exec to the guest answering on
    vsock (an echo through the guest's server). Each run starts once the
    processes of the one before are gone (a VM's teardown outlives it).
@@ -45,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CMDLINE = ("console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp "
            "i8042.dumbkbd rodata=off percpu_alloc=page noreplace-smp keep_initmem quiet")
-KVM_RUN = re.compile(rb"vCPUs started \(CLOCK_MONOTONIC (\d+) ns\)")
+KVM_RUN = re.compile(rb"vCPU \d+: first KVM_RUN \(CLOCK_MONOTONIC (\d+) ns\)")
 _spec = importlib.util.spec_from_file_location("boot_bench", os.path.join(HERE, "boot-bench.py"))
 boot_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(boot_bench)
@@ -126,7 +127,7 @@ class Timed:
                 break
             time.sleep(0.001)
         self.log.seek(0)
-        raise RuntimeError("no 'vCPUs started' line: " + self.log.read()[-2000:].decode(errors="replace"))
+        raise RuntimeError("no 'first KVM_RUN' line: " + self.log.read()[-2000:].decode(errors="replace"))
 
     def end(self):
         if self.poll() is None:

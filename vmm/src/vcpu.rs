@@ -422,6 +422,7 @@ impl Vcpu {
         }
         let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        let mut first = true;
         loop {
             // Cleared before the request is read: a kick from now on sets it
             // again and the next KVM_RUN returns at once.
@@ -429,6 +430,15 @@ impl Vcpu {
             unsafe { std::ptr::write_volatile(immediate_exit, 0) };
             if self.exit.is_stopping() || !shared.may_run(&self.fd) {
                 break;
+            }
+            if first {
+                first = false;
+                // What resources/bench/snapshot-bench.py times a start to.
+                log::debug!(
+                    "vCPU {}: first KVM_RUN (CLOCK_MONOTONIC {} ns)",
+                    self.index,
+                    crate::vm::monotonic_ns()
+                );
             }
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
