@@ -198,19 +198,18 @@ def quiesce(ligera, timeout=10):
     freed and its VM destroyed by a child that outlives it, which would
     otherwise share the CPUs with the next timed run."""
     exe = os.path.realpath(ligera)
+
+    def running():
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{p}/exe") == exe:
+                    return True
+            except OSError:
+                pass
+        return False
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = False
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                try:
-                    busy = os.readlink(f"/proc/{p}/exe") == exe
-                except OSError:
-                    continue
-                if busy:
-                    break
-        if not busy:
-            return
+    while running() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

@@ -343,6 +343,10 @@ impl Vm {
     }
 }
 
+/// The name (`/proc/PID/comm`) of the child that destroys a VM once its
+/// ligera has exited, while it does.
+pub const TEARDOWN_NAME: &std::ffi::CStr = c"ligera-teardown";
+
 /// Lets a child process, rather than ligera, pay for destroying the VM.
 ///
 /// Tearing a VM down makes KVM and the kernel wait for several RCU grace
@@ -353,10 +357,6 @@ impl Vm {
 /// PR_SET_PDEATHSIG kills it), so all of that happens when the child ends,
 /// and whoever waits for ligera sees it exit at once. If the child cannot be
 /// made, the teardown simply happens at exit as usual.
-/// The name (`/proc/PID/comm`) of the child that destroys a VM once its
-/// ligera has exited, while it does.
-pub const TEARDOWN_NAME: &std::ffi::CStr = c"ligera-teardown";
-
 pub(crate) fn hand_off_teardown(vm_fd: RawFd) {
     const STACK_SIZE: usize = 16 * 1024;
     /// What the child needs: who to outlive, and the one descriptor to keep.

@@ -142,6 +142,15 @@ impl Net {
             Kind::Vm => VM,
         }
     }
+
+    /// Where the host side reaches the port case's server in `kind`: a new
+    /// VM is on the port case's own tap.
+    pub fn port_address(kind: Kind) -> Ipv4Addr {
+        match kind {
+            Kind::Vm => PORT_VM,
+            _ => Net::address(kind),
+        }
+    }
 }
 
 /// Removes the namespaces of bench `pid` (and with them its veth and tap).
@@ -180,10 +189,7 @@ pub struct Knock {
 impl Knock {
     pub fn start(net: &Net, kind: Kind) -> Result<Knock, BenchError> {
         let ns = net.host_side()?;
-        let addr = match kind {
-            Kind::Vm => PORT_VM,
-            _ => Net::address(kind),
-        };
+        let addr = Net::port_address(kind);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
