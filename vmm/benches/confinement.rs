@@ -109,9 +109,9 @@ impl JailedProcess {
         let supervisor = unsafe { libc::fork() };
         assert!(supervisor >= 0, "fork failed");
         if supervisor == 0 {
-            let code = match vmm::jail::enter(&spec, &mut config) {
+            let code = match vmm::jail::enter(&spec, &mut config, |_| ()) {
                 Ok(vmm::jail::Entered::Supervisor { code, .. }) => code,
-                Ok(vmm::jail::Entered::Jailed(jailed)) => {
+                Ok(vmm::jail::Entered::Jailed(jailed, ())) => {
                     jailed_worker(jailed, &config, &control, size);
                     0
                 }

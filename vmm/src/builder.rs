@@ -102,16 +102,86 @@ pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> B
     move |source| BuildError::Kvm { what, source }
 }
 
+/// What a VM starts from: KVM, guest memory (mapped from the snapshot's
+/// memory file on a restore) and the VM with that memory, irqchip and PIT.
+/// None of it depends on the file system or network the VM process will
+/// see, so the jail makes it on a thread while it builds the VM process's
+/// namespaces (see [`crate::jail::start`]).
+pub struct Foundation {
+    kvm: Kvm,
+    layout: GuestLayout,
+    mem: arch::GuestMemoryMmap,
+    vm: VmFd,
+    /// The snapshot of a restore.
+    snapshot: Option<Arc<crate::snapshot::Snapshot>>,
+}
+
+/// Makes the [`Foundation`] of the VM of `config`.
+pub fn lay_foundation(config: &VmConfig) -> Result<Foundation> {
+    let snapshot = match &config.restore {
+        Some(source) => Some(match &source.read.0 {
+            Some(read) => read.clone(),
+            None => Arc::new(crate::snapshot::read_state(&source.state)?),
+        }),
+        None => None,
+    };
+    let layout = match (&config.restore, &snapshot) {
+        (Some(source), Some(snapshot)) => {
+            if snapshot.config.vcpus != config.vcpus || snapshot.config.mem_size != config.mem_size
+            {
+                return Err(BuildError::Restore {
+                    path: source.state.clone(),
+                    reason: "the configuration does not match the snapshot's (vCPUs, memory)"
+                        .into(),
+                });
+            }
+            check_config(config)?
+        }
+        _ => check_config(config)?,
+    };
+    let kvm = open_kvm(config)?;
+    let mem = match &config.restore {
+        Some(source) => {
+            let file = std::fs::File::open(&source.memory).map_err(|e| BuildError::Restore {
+                path: source.state.clone(),
+                reason: format!("memory file {}: {e}", source.memory.display()),
+            })?;
+            crate::snapshot::map_memory(&file, &source.memory, &layout)?
+        }
+        None => map_guest_memory(&layout)?,
+    };
+    let vm = create_vm(&kvm, &mem, &layout)?;
+    if config.seccomp {
+        // Off the vCPU thread's way to its first KVM_RUN.
+        crate::seccomp::prepare(crate::seccomp::Role::Vcpu);
+    }
+    Ok(Foundation {
+        kvm,
+        layout,
+        mem,
+        vm,
+        snapshot,
+    })
+}
+
 /// Builds a VM ready to run: booting its kernel, or where its snapshot
 /// was taken if `config.restore` names one.
 pub fn build(config: &VmConfig) -> Result<Vm> {
-    if let Some(source) = &config.restore {
-        return restore(config, source);
+    build_on(config, lay_foundation(config))
+}
+
+/// [`build`] on a foundation laid (or not) beforehand for `config`.
+pub fn build_on(config: &VmConfig, foundation: Result<Foundation>) -> Result<Vm> {
+    let Foundation {
+        kvm,
+        layout,
+        mem,
+        vm,
+        snapshot,
+    } = foundation?;
+    if let (Some(source), Some(snapshot)) = (&config.restore, snapshot) {
+        return restore(config, source, &snapshot, kvm, mem, vm);
     }
-    let layout = check_config(config)?;
-    let kvm = open_kvm(config)?;
-    let mem = map_guest_memory(&layout)?;
-    let vm = create_vm(&kvm, &mem, &layout)?;
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;
@@ -156,28 +226,20 @@ fn msr_list(kvm: &Kvm) -> Result<Vec<u32>> {
 /// configuration (`config`, with the overrides of the restore) and put in
 /// their saved state, vCPUs and in-kernel devices loaded. Every check is
 /// made before the VM runs: a snapshot either restores whole or not at all.
-fn restore(config: &VmConfig, source: &crate::config::RestoreConfig) -> Result<Vm> {
+fn restore(
+    config: &VmConfig,
+    source: &crate::config::RestoreConfig,
+    snapshot: &crate::snapshot::Snapshot,
+    kvm: Kvm,
+    mem: arch::GuestMemoryMmap,
+    vm: VmFd,
+) -> Result<Vm> {
     use crate::snapshot;
     let started = std::time::Instant::now();
-    let snapshot = match &source.read.0 {
-        Some(read) => read.clone(),
-        None => std::sync::Arc::new(snapshot::read_state(&source.state)?),
-    };
     let mismatch = |reason: String| BuildError::Restore {
         path: source.state.clone(),
         reason,
     };
-    if snapshot.config.vcpus != config.vcpus || snapshot.config.mem_size != config.mem_size {
-        return Err(mismatch(
-            "the configuration does not match the snapshot's (vCPUs, memory)".into(),
-        ));
-    }
-    let layout = check_config(config)?;
-    let kvm = open_kvm(config)?;
-    let file = std::fs::File::open(&source.memory)
-        .map_err(|e| mismatch(format!("memory file {}: {e}", source.memory.display())))?;
-    let mem = snapshot::map_memory(&file, &source.memory, &layout)?;
-    let vm = create_vm(&kvm, &mem, &layout)?;
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let (devices, console) = DeviceManager::create(config, &vm, &mem, &exit, &mut events)?;

@@ -73,24 +73,25 @@ fn start_vm(mut config: vmm::config::VmConfig, jail: vmm::jail::JailOptions) -> 
         eprintln!("ligera: error: {e} (see 'ligera run --help')");
         return EXIT_USAGE;
     }
-    let jailed = match vmm::jail::start(&jail, &mut config, EXIT_VMM_ERROR) {
-        Ok(Start::Supervisor(code)) => return code,
-        Ok(Start::Vm(jailed)) => jailed,
-        Err(JailError::Options(e)) => {
-            eprintln!("ligera: error: {e} (see 'ligera run --help')");
-            return EXIT_USAGE;
-        }
-        Err(e) => {
-            eprintln!("ligera: error: {e}");
-            return EXIT_VMM_ERROR;
-        }
-    };
+    let (jailed, foundation) =
+        match vmm::jail::start(&jail, &mut config, EXIT_VMM_ERROR, builder::lay_foundation) {
+            Ok(Start::Supervisor(code)) => return code,
+            Ok(Start::Vm(jailed, foundation)) => (jailed, foundation),
+            Err(JailError::Options(e)) => {
+                eprintln!("ligera: error: {e} (see 'ligera run --help')");
+                return EXIT_USAGE;
+            }
+            Err(e) => {
+                eprintln!("ligera: error: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        };
     log::info!("starting: {}", vmm::cli::describe(&config));
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("ligera: error: {e}");
         EXIT_VMM_ERROR
     };
-    let mut vm = match builder::build(&config) {
+    let mut vm = match builder::build_on(&config, foundation) {
         Ok(vm) => vm,
         Err(e) => return fail(&e),
     };

@@ -313,6 +313,12 @@ impl Vm {
         {
             f();
         }
+        // This thread's filter after the vCPUs' own (see
+        // VcpuHandle::wait_set_up); nothing here reads guest data until
+        // the event loop runs.
+        for handle in lock(&self.control.vcpus).iter() {
+            handle.wait_set_up(Duration::from_millis(50));
+        }
         crate::seccomp::install(crate::seccomp::Role::Vmm)?;
 
         let result = event_loop(&mut self.events, self.exit.clone(), signals);

@@ -355,23 +355,29 @@ impl std::fmt::Display for JailError {
 
 /// What the command that starts a VM does next: exit with the status of
 /// the jailed VM process it supervised, or build the VM, in a jail or not.
-pub enum Start {
+pub enum Start<F> {
     Supervisor(i32),
-    Vm(Option<Jailed>),
+    /// The VM process, jailed or not, with what `lay` made.
+    Vm(Option<Jailed>, F),
 }
 
 /// Jails the VM as `options` say (see [`JailOptions::spec`] and [`enter`]);
 /// `failure_code` is the caller's status for "could not start the VM".
-pub fn start(
+/// `lay` makes what the VM needs that depends on neither its file system
+/// nor its network (KVM and guest memory: see
+/// [`crate::builder::lay_foundation`]), in the VM process: in a jail, on a
+/// thread, while the main thread makes the jail's namespaces.
+pub fn start<F: Send>(
     options: &JailOptions,
     config: &mut VmConfig,
     failure_code: i32,
-) -> Result<Start, JailError> {
+    lay: impl FnOnce(&VmConfig) -> F + Send,
+) -> Result<Start<F>, JailError> {
     match options.spec(config).map_err(JailError::Options)? {
-        None => Ok(Start::Vm(None)),
+        None => Ok(Start::Vm(None, lay(config))),
         Some(mut spec) => {
             spec.failure_code = failure_code;
-            let entered = enter(&spec, config).map_err(JailError::Failed)?;
+            let entered = enter(&spec, config, lay).map_err(JailError::Failed)?;
             Ok(match entered {
                 Entered::Supervisor { code, vm_fd } => {
                     if let Some(fd) = vm_fd {
@@ -380,7 +386,7 @@ pub fn start(
                     }
                     Start::Supervisor(code)
                 }
-                Entered::Jailed(j) => Start::Vm(Some(j)),
+                Entered::Jailed(j, laid) => Start::Vm(Some(j), laid),
             })
         }
     }
@@ -480,9 +486,10 @@ pub fn take_tap(name: &str) -> Option<devices::virtio::net::Tap> {
 }
 
 /// Which side of the fork [`enter`] returns on.
-pub enum Entered {
-    /// The VM process, in its jail: build the VM, then [`Jailed::lock_down`].
-    Jailed(Jailed),
+pub enum Entered<F> {
+    /// The VM process, in its jail, with what `lay` made: build the VM,
+    /// then [`Jailed::lock_down`].
+    Jailed(Jailed, F),
     /// The supervisor, after the VM process ended: exit with `code`. The VM
     /// process handed over its VM descriptor (`vm_fd`), if it could, so that
     /// the kernel's teardown of the VM happens after the supervisor exits.
@@ -539,8 +546,14 @@ pub fn remove_stale(base: &Path) -> bool {
 }
 
 /// Puts the VM into a jail; see the module's description. `config`'s
-/// paths become canonical. Must be called before any thread starts.
-pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
+/// paths become canonical. Must be called before any thread starts. The VM
+/// process runs `lay` on a thread of its own while it makes its namespaces
+/// (see [`start`]).
+pub fn enter<F: Send>(
+    spec: &Spec,
+    config: &mut VmConfig,
+    lay: impl FnOnce(&VmConfig) -> F + Send,
+) -> Result<Entered<F>, String> {
     if thread_count() != Some(1) {
         return Err("internal error: the jail must be entered before any thread starts".into());
     }
@@ -578,18 +591,10 @@ pub fn enter(spec: &Spec, config: &mut VmConfig) -> Result<Entered, String> {
     // The vsock socket becomes the jailed user's: the sandbox's own client
     // thread connects to it after the uid change.
     let connectable: Vec<PathBuf> = config.vsock.iter().map(|v| v.socket.clone()).collect();
-    let result = fork_jailed(
-        spec,
-        &mounts,
-        &root,
-        cgroup,
-        &connectable,
-        &config
-            .nets
-            .iter()
-            .map(|n| n.tap.clone())
-            .collect::<Vec<_>>(),
-    );
+    let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
+    let result = fork_jailed(spec, &mounts, &root, cgroup, &connectable, &taps, || {
+        lay(config)
+    });
     if let Ok(Entered::Supervisor { .. }) | Err(_) = &result {
         // The VM process is gone: take away the sockets it made, which
         // nobody listens on any more (one that another process made in the
@@ -647,14 +652,15 @@ fn thread_count() -> Option<usize> {
     std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
 }
 
-fn fork_jailed(
+fn fork_jailed<F: Send>(
     spec: &Spec,
     mounts: &[Mount],
     root: &Path,
     cgroup: Option<&Cgroup>,
     sockets: &[PathBuf],
     taps: &[String],
-) -> Result<Entered, String> {
+    lay: impl FnOnce() -> F + Send,
+) -> Result<Entered<F>, String> {
     let mut pipe = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -714,13 +720,16 @@ fn fork_jailed(
             libc::sigaddset(&mut chld, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
         }
-        return match confine(spec, mounts, root, cgroup, taps, [pipe[0], handoff[1]]) {
-            Ok(parent_alive) => Ok(Entered::Jailed(Jailed {
-                uid: spec.uid,
-                gid: spec.gid,
-                sockets: sockets.to_vec(),
-                parent_alive,
-            })),
+        return match confine(spec, mounts, root, cgroup, taps, [pipe[0], handoff[1]], lay) {
+            Ok((parent_alive, laid)) => Ok(Entered::Jailed(
+                Jailed {
+                    uid: spec.uid,
+                    gid: spec.gid,
+                    sockets: sockets.to_vec(),
+                    parent_alive,
+                },
+                laid,
+            )),
             Err(e) => {
                 eprintln!("ligera: error: {e}");
                 std::process::exit(spec.failure_code);
@@ -891,15 +900,16 @@ impl std::fmt::Display for Step {
 }
 
 /// The VM process's first steps: returns the descriptor that tells
-/// whether the supervisor is still there.
-fn confine(
+/// whether the supervisor is still there, and what `lay` made.
+fn confine<F: Send>(
     spec: &Spec,
     mounts: &[Mount],
     root: &Path,
     cgroup: Option<&Cgroup>,
     taps: &[String],
     keep: [i32; 2],
-) -> Result<i32, Step> {
+    lay: impl FnOnce() -> F + Send,
+) -> Result<(i32, F), Step> {
     // SAFETY: plain system calls on values we own; this process has one thread.
     unsafe {
         // Keep only stdio, the supervisor pipe (as descriptor 3) and the
@@ -933,8 +943,29 @@ fn confine(
             .unwrap_or_else(|e| e.into_inner())
             .push(tap);
     }
+    // `lay` needs neither the namespaces nor the root: on a second thread
+    // (made after the cgroup join, which is cheap only for one thread),
+    // it overlaps them. Namespaces belong to threads, so that thread stays
+    // in the host's; it ends before anything else runs.
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("ligera-lay".into())
+            .spawn_scoped(scope, lay)
+            .map_err(|e| Step::Jail(format!("cannot start a thread: {e}")))?;
+        let made = enclose(spec, mounts, root);
+        let laid = helper
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        made.map(|()| (parent_alive, laid))
+    })
+}
+
+/// Puts the calling thread in the jail's namespaces and root, with its limits.
+fn enclose(spec: &Spec, mounts: &[Mount], root: &Path) -> Result<(), Step> {
+    // Each is the calling thread's alone (CLONE_NEWNS unshares its file
+    // system view, CLONE_FS, from any other thread).
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
-    // SAFETY: unshare on this single-threaded process.
+    // SAFETY: unshare of namespaces a thread may leave alone.
     if unsafe { libc::unshare(flags) } != 0 {
         return Err(os_err("cannot create namespaces").into());
     }
@@ -943,7 +974,7 @@ fn confine(
     unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
     make_root(mounts, root)?;
     set_limits(spec, mounts)?;
-    Ok(parent_alive)
+    Ok(())
 }
 
 fn mount(

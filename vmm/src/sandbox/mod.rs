@@ -407,15 +407,20 @@ pub fn run(args: SandboxRunArgs) -> i32 {
     if let Err(e) = config.validate() {
         return fail(e);
     }
-    let jailed = match crate::jail::start(&args.vm.jail, &mut config, EXIT_SANDBOX_ERROR) {
+    let (jailed, foundation) = match crate::jail::start(
+        &args.vm.jail,
+        &mut config,
+        EXIT_SANDBOX_ERROR,
+        crate::builder::lay_foundation,
+    ) {
         Ok(crate::jail::Start::Supervisor(code)) => return code,
-        Ok(crate::jail::Start::Vm(jailed)) => jailed,
+        Ok(crate::jail::Start::Vm(jailed, foundation)) => (jailed, foundation),
         Err(e) => return fail(e),
     };
     if let Err(e) = crate::vm::block_signals() {
         return fail(e);
     }
-    let mut vm = match crate::builder::build(&config) {
+    let mut vm = match crate::builder::build_on(&config, foundation) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };

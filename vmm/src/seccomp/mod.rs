@@ -108,6 +108,12 @@ pub fn install(role: Role) -> Result<(), String> {
     }
 }
 
+/// Compiles `role`'s filter ahead of [`install`] (an error is kept for it).
+pub fn prepare(role: Role) {
+    let index = Role::ALL.iter().position(|&r| r == role).unwrap_or(0);
+    FILTERS[index].get_or_init(|| compile(role));
+}
+
 /// Names `role` as the calling thread's, for a thread that runs under the
 /// filter it inherited from the thread that started it.
 pub fn inherited(role: Role) {
