@@ -13,7 +13,7 @@ use arch::paging::write_identity_page_tables;
 use devices::virtio::vsock::VsockError;
 use devices::virtio::{self, net};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -103,15 +103,17 @@ pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> B
 }
 
 /// What a VM starts from: KVM, guest memory (mapped from the snapshot's
-/// memory file on a restore) and the VM with that memory, irqchip and PIT.
-/// None of it depends on the file system or network the VM process will
-/// see, so the jail makes it on a thread while it builds the VM process's
-/// namespaces (see [`crate::jail::start`]).
+/// memory file on a restore), the VM with that memory, irqchip and PIT, and
+/// its vCPUs in KVM; on a restore, the in-kernel devices, clock and vCPUs
+/// in their saved state. None of it depends on the file system or network
+/// the VM process will see, so the jail makes it on a thread while it
+/// builds the VM process's namespaces (see [`crate::jail::start`]).
 pub struct Foundation {
     kvm: Kvm,
     layout: GuestLayout,
     mem: arch::GuestMemoryMmap,
     vm: VmFd,
+    vcpus: Vec<VcpuFd>,
     /// The snapshot of a restore.
     snapshot: Option<Arc<crate::snapshot::Snapshot>>,
 }
@@ -151,6 +153,30 @@ pub fn lay_foundation(config: &VmConfig) -> Result<Foundation> {
         None => map_guest_memory(&layout)?,
     };
     let vm = create_vm(&kvm, &mem, &layout)?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::create_fd(&vm, index))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if let (Some(source), Some(snapshot)) = (&config.restore, &snapshot) {
+        // Before the devices exist (they only add interrupt lines and
+        // notifiers); what they signal meanwhile reaches the restored
+        // controllers.
+        let mismatch = |reason: String| BuildError::Restore {
+            path: source.state.clone(),
+            reason,
+        };
+        crate::snapshot::kvm::restore_vm(&vm, &snapshot.vm).map_err(mismatch)?;
+        if snapshot.vcpus.len() != vcpus.len() {
+            return Err(mismatch(format!(
+                "it holds {} vCPU states for {} vCPUs",
+                snapshot.vcpus.len(),
+                vcpus.len()
+            )));
+        }
+        for (index, (fd, state)) in vcpus.iter().zip(&snapshot.vcpus).enumerate() {
+            crate::snapshot::kvm::restore_vcpu(fd, state)
+                .map_err(|e| mismatch(format!("vCPU {index}: {e}")))?;
+        }
+    }
     if config.seccomp {
         // Off the vCPU thread's way to its first KVM_RUN.
         crate::seccomp::prepare(crate::seccomp::Role::Vcpu);
@@ -160,6 +186,7 @@ pub fn lay_foundation(config: &VmConfig) -> Result<Foundation> {
         layout,
         mem,
         vm,
+        vcpus,
         snapshot,
     })
 }
@@ -177,10 +204,11 @@ pub fn build_on(config: &VmConfig, foundation: Result<Foundation>) -> Result<Vm>
         layout,
         mem,
         vm,
+        vcpus,
         snapshot,
     } = foundation?;
     if let (Some(source), Some(snapshot)) = (&config.restore, snapshot) {
-        return restore(config, source, &snapshot, kvm, mem, vm);
+        return restore(config, source, &snapshot, kvm, mem, vm, vcpus);
     }
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let mut events = EventLoop::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
@@ -193,7 +221,7 @@ pub fn build_on(config: &VmConfig, foundation: Result<Foundation>) -> Result<Vm>
         &devices.virtio_mmio_windows(),
         &quirks,
     )?;
-    let vcpus = create_vcpus(config, &kvm, &vm, &mem, &devices, &exit, &boot, &quirks)?;
+    let vcpus = configure_vcpus(config, &kvm, vcpus, &mem, &devices, &exit, &boot, &quirks)?;
     if config.seccomp {
         // The filters go on as each thread starts (before it runs guest
         // code or reads guest bytes); here the SIGSYS handler goes in.
@@ -233,8 +261,8 @@ fn restore(
     kvm: Kvm,
     mem: arch::GuestMemoryMmap,
     vm: VmFd,
+    vcpus: Vec<VcpuFd>,
 ) -> Result<Vm> {
-    use crate::snapshot;
     let started = std::time::Instant::now();
     let mismatch = |reason: String| BuildError::Restore {
         path: source.state.clone(),
@@ -262,27 +290,28 @@ fn restore(
     devices::bus::lock(&devices.i8042)
         .restore(&saved.i8042)
         .map_err(&mismatch)?;
-    snapshot::kvm::restore_vm(&vm, &snapshot.vm).map_err(&mismatch)?;
-    // Interrupts the guest had not taken yet go again, into the restored
-    // controllers (an edge in flight when the snapshot was taken is lost).
+    // Interrupts the guest had not taken yet go again, into the controllers
+    // restored with the foundation (an edge in flight when the snapshot was
+    // taken is lost).
     for slot in &devices.virtio {
         devices::bus::lock(&slot.transport).resend_interrupt();
     }
     devices::bus::lock(&devices.serial).resend_interrupt();
     devices::bus::lock(&devices.i8042).resend_interrupt();
-    let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
-    for (index, state) in snapshot.vcpus.iter().enumerate() {
-        let vcpu = Vcpu::new(
-            &vm,
-            index as u8,
-            devices.pio.clone(),
-            devices.mmio.clone(),
-            mem.clone(),
-            exit.clone(),
-        )?;
-        vcpu.restore(state).map_err(&mismatch)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = vcpus
+        .into_iter()
+        .zip(0..)
+        .map(|(fd, index)| {
+            Vcpu::new(
+                fd,
+                index,
+                devices.pio.clone(),
+                devices.mmio.clone(),
+                mem.clone(),
+                exit.clone(),
+            )
+        })
+        .collect();
     if config.seccomp {
         crate::seccomp::enable().map_err(BuildError::Seccomp)?;
     }
@@ -433,10 +462,10 @@ fn load_guest(
 
 /// Creates and configures every vCPU; vCPU 0 starts at the kernel entry.
 #[allow(clippy::too_many_arguments)]
-fn create_vcpus(
+fn configure_vcpus(
     config: &VmConfig,
     kvm: &Kvm,
-    vm: &VmFd,
+    fds: Vec<VcpuFd>,
     mem: &arch::GuestMemoryMmap,
     devices: &DeviceManager,
     exit: &Arc<ExitState>,
@@ -448,15 +477,15 @@ fn create_vcpus(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report the supported CPUID"))?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
+    for (fd, index) in fds.into_iter().zip(0..) {
         let vcpu = Vcpu::new(
-            vm,
+            fd,
             index,
             devices.pio.clone(),
             devices.mmio.clone(),
             mem.clone(),
             exit.clone(),
-        )?;
+        );
         let cpuid = CpuidConfig {
             index,
             count: config.vcpus,

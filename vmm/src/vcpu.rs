@@ -304,26 +304,30 @@ pub struct BootState {
 }
 
 impl Vcpu {
-    #[allow(clippy::too_many_arguments)]
+    /// Makes vCPU `index` of `vm` in KVM (see [`Vcpu::new`]).
+    pub fn create_fd(vm: &VmFd, index: u8) -> Result<VcpuFd, VcpuError> {
+        vm.create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })
+    }
+
+    /// vCPU `index`, made by [`Vcpu::create_fd`] as `fd`, with the buses
+    /// its exits go to.
     pub fn new(
-        vm: &VmFd,
+        fd: VcpuFd,
         index: u8,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         mem: arch::GuestMemoryMmap,
         exit: Arc<ExitState>,
-    ) -> Result<Self, VcpuError> {
-        let fd = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Vcpu {
+    ) -> Self {
+        Vcpu {
             index,
             fd,
             pio,
             mmio,
             mem,
             exit,
-        })
+        }
     }
 
     /// Sets CPUID, MSRs and LAPIC for every vCPU, and the entry registers for
@@ -395,12 +399,6 @@ impl Vcpu {
                 .map_err(err("special registers"))?;
         }
         Ok(())
-    }
-
-    /// Puts a saved state into this new vCPU (instead of [`Vcpu::configure`]).
-    pub fn restore(&self, state: &crate::snapshot::kvm::VcpuState) -> Result<(), String> {
-        crate::snapshot::kvm::restore_vcpu(&self.fd, state)
-            .map_err(|e| format!("vCPU {}: {e}", self.index))
     }
 
     /// Starts the vCPU's thread, running (or paused, if `paused`).

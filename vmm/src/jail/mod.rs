@@ -5,11 +5,12 @@
 //! process into new PID, mount, IPC, UTS and network namespaces, forwards
 //! signals to it, waits for it, and removes what it leaves (the jail
 //! directory, the cgroup, the sockets it made) however it ends. The VM process
-//! closes every inherited descriptor, joins the cgroup, and `pivot_root`s into
-//! a tmpfs that holds only what the VM uses, bind-mounted at the paths the
-//! configuration names: kernel, initrd and disk images, the serial file, the
-//! directories of its sockets, `/dev/kvm`, and `/dev/net/tun` when it has
-//! taps. It builds the VM there, still as root; [`Jailed::lock_down`] then
+//! closes every inherited descriptor, joins the cgroup, opens its taps, and,
+//! while a second thread opens `/dev/kvm` and makes the VM's memory and the
+//! VM in KVM (see [`start`]), `pivot_root`s into a tmpfs that holds only
+//! what the rest of the VM uses, bind-mounted at the paths the configuration
+//! names: kernel, initrd and disk images, the serial file and the
+//! directories of its sockets. It builds the VM there, still as root; [`Jailed::lock_down`] then
 //! drops to an unprivileged uid/gid with no capabilities and no_new_privs,
 //! before any thread starts or any guest byte is read. The seccomp filters
 //! go on after that, per thread.
@@ -245,7 +246,9 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
         writable,
     };
     // Taps are opened before the jail (see `confine`): no /dev/net/tun.
-    let mut mounts = vec![file("/dev/kvm".into(), true)];
+    // Nor /dev/kvm, nor a snapshot's memory file: `start`'s `lay` opens
+    // them before the jail's root is made.
+    let mut mounts = Vec::new();
     if let Some(restore) = &mut config.restore {
         // A restored VM reads its snapshot, not its kernel.
         restore.state = regular("--state", &restore.state, false)?;
@@ -253,7 +256,6 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
             mounts.push(file(restore.state.clone(), false));
         }
         restore.memory = regular("--memory", &restore.memory, false)?;
-        mounts.push(file(restore.memory.clone(), false));
     } else {
         config.kernel = regular("--kernel", &config.kernel, false)?;
         mounts.push(file(config.kernel.clone(), false));
@@ -366,7 +368,9 @@ pub enum Start<F> {
 /// `lay` makes what the VM needs that depends on neither its file system
 /// nor its network (KVM and guest memory: see
 /// [`crate::builder::lay_foundation`]), in the VM process: in a jail, on a
-/// thread, while the main thread makes the jail's namespaces.
+/// thread, while the main thread makes the jail's namespaces. The jail's
+/// root has neither `/dev/kvm` nor a snapshot's memory file: `lay` is
+/// where they are opened.
 pub fn start<F: Send>(
     options: &JailOptions,
     config: &mut VmConfig,
@@ -1273,7 +1277,7 @@ mod tests {
                 .iter()
                 .any(|m| m.path == dir.join("disk") && !m.writable)
         );
-        assert!(mounts.iter().any(|m| m.path == Path::new("/dev/kvm")));
+        assert!(!mounts.iter().any(|m| m.path == Path::new("/dev/kvm")));
         // A missing file or a socket in / cannot be placed.
         config.disks[0].path = dir.join("missing");
         assert!(place(&mut config).unwrap_err().contains("--disk"));
