@@ -956,13 +956,14 @@ fn confine<F: Send>(
     // root is made.
     std::thread::scope(|scope| {
         let spawn_err = |e: std::io::Error| Step::Jail(format!("cannot start a thread: {e}"));
-        let net = std::thread::Builder::new()
-            .name("ligera-netns".into())
-            .spawn_scoped(scope, new_network_namespace)
-            .map_err(spawn_err)?;
+        // `lay` first: it is the longest.
         let helper = std::thread::Builder::new()
             .name("ligera-lay".into())
             .spawn_scoped(scope, lay)
+            .map_err(spawn_err)?;
+        let net = std::thread::Builder::new()
+            .name("ligera-netns".into())
+            .spawn_scoped(scope, new_network_namespace)
             .map_err(spawn_err)?;
         let made = enclose(spec, mounts, root);
         let net = net
