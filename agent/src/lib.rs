@@ -4,4 +4,5 @@
 
 pub mod copy;
 pub mod net;
+pub mod oneshot;
 pub mod protocol;

@@ -46,7 +46,13 @@ fn main() {
         Some(mode @ ("--untar" | "--tar")) if args.len() == 4 => {
             copy_helper(mode == "--untar", &args[2], Path::new(&args[3]))
         }
-        None if std::process::id() == 1 => init().and_then(|()| serve_vsock(PathBuf::from(ROOT))),
+        None if std::process::id() == 1 => init().and_then(|()| {
+            let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+            match agent::oneshot::parse_cmdline(&cmdline).map_err(io::Error::other)? {
+                Some(script) => run_oneshot(&script),
+                None => serve_vsock(PathBuf::from(ROOT)),
+            }
+        }),
         _ => Err(io::Error::other(
             "usage: ligera-agent (as PID 1) | ligera-agent --unix PATH --root DIR",
         )),
@@ -82,6 +88,78 @@ fn copy_helper(untar: bool, root: &str, path: &Path) -> io::Result<()> {
     };
     result.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     std::process::exit(0)
+}
+
+/// One-shot mode (see `agent::oneshot`): `script` runs in the image with
+/// the serial port, in raw mode, as its terminal; its status follows its
+/// output. Returns once that is written (init then reboots).
+fn run_oneshot(script: &str) -> io::Result<()> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ttyS0")?;
+    // SAFETY: termios calls on our descriptor with a struct we own.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(tty.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(tty.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(script)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .stdin(tty.try_clone()?)
+        .stdout(tty.try_clone()?)
+        .stderr(tty.try_clone()?);
+    // SAFETY: chroot and chdir are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::chroot(c"/mnt/root".as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let code = match cmd.status() {
+        Ok(status) => status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        Err(e) => {
+            eprintln!("ligera-agent: cannot run the script: {e}");
+            127
+        }
+    };
+    let mut out = &tty;
+    write!(out, "\n{}{code}\n", agent::oneshot::EXIT_MARKER)?;
+    // SAFETY: waits until the serial port has sent what we wrote.
+    unsafe { libc::tcdrain(tty.as_raw_fd()) };
+    debug_exit();
+    Ok(())
+}
+
+/// Ends the VM through QEMU's `isa-debug-exit` device at
+/// [`agent::oneshot::DEBUG_EXIT_PORT`], if it has one: a reboot by triple
+/// fault (microvm has no other way without ACPI) stops QEMU with a KVM
+/// internal error on the nested kvm_pvm hosts instead of ending it. Without
+/// the device the write goes nowhere, and init reboots as usual.
+fn debug_exit() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let port = agent::oneshot::DEBUG_EXIT_PORT;
+        // SAFETY: ioperm grants this process the one port; the write has no
+        // effect on memory.
+        unsafe {
+            if libc::ioperm(u64::from(port), 1, 1) == 0 {
+                std::arch::asm!("out dx, al", in("dx") port, in("al") 0u8);
+            }
+        }
+    }
 }
 
 // ---- init ---------------------------------------------------------------

@@ -63,7 +63,7 @@ pub struct BenchArgs {
     pub suite: Vec<Suite>,
 
     /// Runtimes to compare, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["process", "runc", "vm"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["process", "runc", "vm", "qemu"])]
     pub runtime: Vec<Kind>,
 
     /// Measured runs of each case per runtime (after the warm-up runs).

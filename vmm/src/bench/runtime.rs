@@ -73,6 +73,10 @@ pub enum Kind {
     Runc,
     /// A ligera microVM through the sandbox agent.
     Vm,
+    /// QEMU's microvm machine booting the same kernel and disks as the
+    /// ligera microVM, its agent in one-shot mode (see `agent::oneshot`):
+    /// a cold boot each run.
+    Qemu,
 }
 
 impl Kind {
@@ -81,6 +85,7 @@ impl Kind {
             Kind::Process => "process",
             Kind::Runc => "runc",
             Kind::Vm => "vm",
+            Kind::Qemu => "qemu",
         }
     }
 }
@@ -116,6 +121,8 @@ pub struct Runtime {
     sandbox: Option<String>,
     /// Why that sandbox could not be made (not tried again).
     sandbox_failed: Option<String>,
+    /// What QEMU boots.
+    guest: Option<crate::sandbox::GuestParts>,
 }
 
 impl Runtime {
@@ -139,17 +146,30 @@ impl Runtime {
                 std::fs::create_dir_all(setup.scratch.join("runc-state"))
                     .map_err(|e| format!("cannot make runc's state directory: {e}"))?;
             }
-            Kind::Vm => {
+            Kind::Vm | Kind::Qemu => {
                 if !Path::new("/dev/kvm").exists() {
                     return Err("no /dev/kvm on this host".into());
                 }
             }
         }
+        let guest = if kind == Kind::Qemu {
+            if find_program(QEMU).is_none() {
+                return Err(format!(
+                    "{QEMU} is not installed (apt-get install qemu-system-x86)"
+                ));
+            }
+            let parts = crate::sandbox::guest_parts(setup.image.as_deref(), setup.kernel.as_deref())
+                .map_err(|e| format!("cannot prepare its guest: {e}"))?;
+            Some(parts)
+        } else {
+            None
+        };
         Ok(Runtime {
             kind,
             runs: 0,
             sandbox: None,
             sandbox_failed: None,
+            guest,
         })
     }
 
@@ -286,8 +306,113 @@ impl Runtime {
                 // SIGTERM, not SIGKILL: the sandbox cleans up after itself.
                 spawn(cmd, libc::SIGTERM, hold, probe, None)
             }
+            Kind::Qemu => {
+                let Some(guest) = &self.guest else {
+                    return Err(BenchError::Setup("QEMU's guest is not prepared".into()));
+                };
+                let scratch = setup.scratch.join(format!("qemu-{}.ext4", self.runs));
+                crate::image::scratch_disk(&scratch, QEMU_SCRATCH)
+                    .map_err(|e| BenchError::Setup(format!("QEMU's scratch disk: {e}")))?;
+                let net = match (&setup.net, job.net) {
+                    (Some(net), true) => Some(net),
+                    _ => None,
+                };
+                let mut cmd = qemu_command(guest, setup, &scratch, net.map(|n| n.qemu_tap()), script);
+                if let Some(net) = net {
+                    super::net::enter(&mut cmd, net.host_side()?);
+                }
+                let mut started = spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None);
+                match &mut started {
+                    Ok(s) => {
+                        s.oneshot = true;
+                        s.scratch = Some(scratch);
+                    }
+                    Err(_) => {
+                        let _ = std::fs::remove_file(&scratch);
+                    }
+                }
+                started
+            }
         }
     }
+}
+
+/// QEMU's program, looked for in PATH.
+const QEMU: &str = "qemu-system-x86_64";
+
+/// The size of QEMU's scratch disk (sparse, as the sandbox's).
+const QEMU_SCRATCH: u64 = 1 << 30;
+
+/// QEMU's microvm machine booting `guest` with `scratch` as its writable
+/// disk, on `tap` if given (the tap's name and the guest's address), to run
+/// `script` once: its output and status come on the serial port (QEMU's
+/// stdout), its input from QEMU's stdin.
+fn qemu_command(
+    guest: &crate::sandbox::GuestParts,
+    setup: &Setup,
+    scratch: &Path,
+    tap: Option<(String, String)>,
+    script: &str,
+) -> Command {
+    // Debian's QEMU on the nested kvm_pvm hosts: the machine without legacy
+    // devices, and a CPU without what such a host cannot do (QEMU aborts on
+    // MSR 0x10a, and PV features based on hypercalls never complete).
+    let mut cmdline = format!("{} reboot=t loglevel=1", guest.cmdline);
+    if crate::host::is_emulating_nested_host() {
+        cmdline.push(' ');
+        cmdline.push_str(crate::host::EMULATING_HOST_CMDLINE);
+    }
+    let mut cmd = Command::new(QEMU);
+    // Without ACPI QEMU lists the virtio-mmio devices on the kernel's
+    // command line, which this kernel reads (it has no ACPI); the agent ends
+    // the VM through isa-debug-exit.
+    cmd.args(["-M", "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,acpi=off"])
+        .arg("-device")
+        .arg(format!(
+            "isa-debug-exit,iobase={:#x},iosize=1",
+            agent::oneshot::DEBUG_EXIT_PORT
+        ))
+        .args(["-enable-kvm", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .args([
+            "-cpu",
+            "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off,\
+             kvm-pv-tlb-flush=off,kvm-pv-unhalt=off",
+        ])
+        .arg("-m")
+        .arg(format!("{}M", setup.memory >> 20))
+        .arg("-smp")
+        .arg(setup.cpus.to_string())
+        .arg("-kernel")
+        .arg(&guest.kernel);
+    // In /dev/vda, vdb, vdc order, as the agent expects them.
+    for (id, path, readonly) in [
+        ("agent", guest.agent_disk.as_path(), true),
+        ("image", guest.image_disk.as_path(), true),
+        ("scratch", scratch, false),
+    ] {
+        let mut drive = std::ffi::OsString::from(format!("if=none,id={id},format=raw,file="));
+        // QEMU's option syntax doubles a comma inside a value.
+        drive.push(path.as_os_str().to_string_lossy().replace(',', ",,"));
+        if readonly {
+            drive.push(",readonly=on");
+        }
+        cmd.arg("-drive")
+            .arg(drive)
+            .arg("-device")
+            .arg(format!("virtio-blk-device,drive={id}"));
+    }
+    if let Some((tap, ip)) = tap {
+        cmd.arg("-netdev")
+            .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+            .args(["-device", "virtio-net-device,netdev=net0"]);
+        cmdline.push_str(" ligera.ip=");
+        cmdline.push_str(&ip);
+    }
+    cmdline.push_str(" ligera.run=");
+    cmdline.push_str(&agent::oneshot::encode(script));
+    cmd.arg("-append").arg(cmdline);
+    cmd
 }
 
 /// What one run runs: a script for the image's `/bin/sh`, in the VM's
@@ -335,6 +460,10 @@ pub struct Started {
     container: Option<Container>,
     /// A bare process's own cgroup, removed after the run.
     cgroup: Option<PathBuf>,
+    /// Its output ends with a one-shot agent's status (QEMU).
+    oneshot: bool,
+    /// A scratch disk of its own, removed after the run.
+    scratch: Option<PathBuf>,
 }
 
 /// This ligera, to run as a command.
@@ -497,6 +626,8 @@ fn spawn(
         probe,
         container,
         cgroup: None,
+        oneshot: false,
+        scratch: None,
     })
 }
 
@@ -541,7 +672,11 @@ pub fn finish(
         }
     }
     for s in &mut started {
-        s.stdin.take();
+        // A line ends the wait of a holding script (`read x`): QEMU passes
+        // it on to the guest, where the end of its stdin never arrives.
+        if let Some(mut stdin) = s.stdin.take() {
+            let _ = std::io::Write::write_all(&mut stdin, b"\n");
+        }
     }
     let mut runs = Vec::with_capacity(started.len());
     let mut failure = None;
@@ -553,9 +688,11 @@ pub fn finish(
             stderr,
             container,
             cgroup,
+            oneshot,
+            scratch,
             ..
         } = s;
-        let (out, first_output, ready) = stdout.join().unwrap_or_default();
+        let (mut out, first_output, ready) = stdout.join().unwrap_or_default();
         let status = child.wait();
         let exit = start.elapsed();
         if STOPPING.load(Ordering::SeqCst) {
@@ -580,6 +717,18 @@ pub fn finish(
         if let Some(dir) = cgroup {
             remove_cgroup(&dir);
         }
+        if let Some(file) = scratch {
+            let _ = std::fs::remove_file(file);
+        }
+        // QEMU's status is its own; the script's follows its output.
+        let status = if oneshot {
+            let (script_out, script_status) = agent::oneshot::split_output(&out);
+            let len = script_out.len();
+            out.truncate(len);
+            script_status.unwrap_or(if status == 0 { 255 } else { status })
+        } else {
+            status
+        };
         if let Some(c) = container {
             // `runc run` removes the container when it ends; after a
             // failure make sure.

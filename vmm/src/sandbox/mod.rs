@@ -560,11 +560,23 @@ pub(crate) fn console_tail(log: Option<&std::fs::File>) -> String {
     format!("; the guest's console ended with: {}", tail.join(" | "))
 }
 
-/// Resolves the kernel, image and agent, and builds the VM configuration
-/// with its run-time files in `run_dir`.
-pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, RunConfig), String> {
-    let kernel = match &args.kernel {
-        Some(k) => k.clone(),
+/// What a sandbox VM boots: its kernel, the agent's disk (`/dev/vda`, the
+/// root), the image's disk (`/dev/vdb`) and the kernel command line, for
+/// ligera and for another VMM (the bench's QEMU). The scratch disk
+/// (`/dev/vdc`) is each VM's own.
+pub struct GuestParts {
+    pub kernel: PathBuf,
+    pub agent_disk: PathBuf,
+    pub image_disk: PathBuf,
+    pub image_config: RunConfig,
+    pub cmdline: String,
+}
+
+/// Resolves (building or pulling what is missing) the [`GuestParts`] of
+/// `image` (None: the default image) with `kernel` (None: setup's).
+pub fn guest_parts(image: Option<&str>, kernel: Option<&Path>) -> Result<GuestParts, String> {
+    let kernel = match kernel {
+        Some(k) => k.to_path_buf(),
         None => image::cache_dir()
             .map_err(|e| e.to_string())?
             .join("kernel/vmlinux"),
@@ -575,8 +587,8 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
             kernel.display()
         ));
     }
-    let reference = match &args.image {
-        Some(i) => i.clone(),
+    let reference = match image {
+        Some(i) => i.to_string(),
         None => image::default_image()
             .map_err(|e| e.to_string())?
             .display()
@@ -585,6 +597,25 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
     let (image_disk, image_config) = image::image_disk(&reference).map_err(|e| e.to_string())?;
     let agent = agent_binary()?;
     let agent_disk = image::agent_disk(&agent).map_err(|e| e.to_string())?;
+    Ok(GuestParts {
+        kernel,
+        agent_disk,
+        image_disk,
+        image_config,
+        cmdline: SANDBOX_CMDLINE.to_string(),
+    })
+}
+
+/// Resolves the kernel, image and agent, and builds the VM configuration
+/// with its run-time files in `run_dir`.
+pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, RunConfig), String> {
+    let GuestParts {
+        kernel,
+        agent_disk,
+        image_disk,
+        image_config,
+        mut cmdline,
+    } = guest_parts(args.image.as_deref(), args.kernel.as_deref())?;
     let scratch = run_dir.join("scratch.ext4");
     image::scratch_disk(&scratch, args.disk_size).map_err(|e| e.to_string())?;
     let disk = |path: PathBuf, readonly: bool, id: &str| DiskConfig {
@@ -592,7 +623,6 @@ pub(crate) fn prepare(args: &VmOptions, run_dir: &Path) -> Result<(VmConfig, Run
         readonly,
         id: Some(id.into()),
     };
-    let mut cmdline = SANDBOX_CMDLINE.to_string();
     if let Some(ip) = args.net.as_ref().and_then(|n| n.ip.as_ref()) {
         cmdline.push_str(" ligera.ip=");
         cmdline.push_str(ip);
