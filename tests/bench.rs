@@ -59,6 +59,75 @@ fn figure<'a>(
         .unwrap_or_else(|| panic!("no {runtime} in {case}"))
 }
 
+#[test]
+#[ignore = "boots Linux: run by resources/test.sh"]
+fn qemu_boots_the_same_guest_for_every_suite() {
+    if !is_root() {
+        eprintln!("skipped: needs root (chroot, taps)");
+        return;
+    }
+    let _one = one_at_a_time();
+    let kernel = kernel("vmlinux");
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    resources_output("build-bench-image.sh", &[]);
+    let (table, _, report) = bench_report(
+        &[
+            "--runtime",
+            "process,qemu",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--density",
+            "2",
+            "--duration",
+            "1s",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+        &json,
+    );
+    assert!(table.contains("qemu"), "{table}");
+    // Each run boots the kernel before its command: far above a process;
+    // the command's status and output come back through the serial port,
+    // and QEMU ends right after (isa-debug-exit), not at a timeout.
+    let (running, exit) = (
+        median(&report, "startup", "running", "qemu"),
+        median(&report, "startup", "exit", "qemu"),
+    );
+    assert!(running > 10.0 * median(&report, "startup", "running", "process"));
+    assert!(
+        running <= exit && exit < running + 10_000.0,
+        "{running} {exit}"
+    );
+    // On the bench's tap, eth0 configured by the agent from the command line.
+    assert!(median(&report, "startup", "port", "qemu") > running);
+    assert!(median(&report, "net", "tcp", "qemu") > 0.0);
+    assert!(median(&report, "net", "rtt", "qemu") > 0.0);
+    // sysbench and fio ran in the guest, their output read as for the others.
+    assert!(median(&report, "cpu", "events", "qemu") > 0.0);
+    assert!(median(&report, "memory", "bandwidth", "qemu") > 0.0);
+    for case in ["randread", "randwrite", "seqread", "seqwrite"] {
+        assert!(median(&report, "disk", case, "qemu") > 0.0, "disk {case}");
+    }
+    // QEMU's process holds the guest RAM it touched: more than a process,
+    // less than the RAM (256 MiB) plus 128 MiB of QEMU.
+    let (vm, process) = (
+        median(&report, "memory", "instance", "qemu"),
+        median(&report, "memory", "instance", "process"),
+    );
+    assert!(
+        vm > process && vm < 384.0,
+        "qemu {vm} MiB, process {process} MiB"
+    );
+    assert!(median(&report, "density", "all-up", "qemu") > 0.0);
+    assert_nothing_left();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Nothing of a bench is left: scratch directories, runc containers and
 /// their cgroups, VMs.
 fn assert_nothing_left() {
@@ -70,6 +139,15 @@ fn assert_nothing_left() {
             let name = e.file_name().to_string_lossy().into_owned();
             assert!(!name.starts_with("sb-ligera-bench-"), "{name} left behind");
         }
+    }
+    // QEMU's instances (their scratch disks are in the bench's directory).
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !(cmdline.starts_with("qemu-system") && cmdline.contains("/run/ligera/bench/")),
+            "QEMU left behind: {cmdline}"
+        );
     }
     // The net suite's namespaces (and with them its veth and tap).
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
@@ -486,6 +564,8 @@ fn the_vm_runs_beside_the_container_and_the_process() {
     resources_output("build-bench-image.sh", &[]);
     let (_, stderr, report) = bench_report(
         &[
+            "--runtime",
+            "process,runc,vm",
             "--runs",
             "2",
             "--warmup",

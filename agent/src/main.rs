@@ -112,7 +112,10 @@ fn run_oneshot(script: &str) -> io::Result<()> {
     cmd.arg("-c")
         .arg(script)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", "/root")
         .stdin(tty.try_clone()?)
         .stdout(tty.try_clone()?)

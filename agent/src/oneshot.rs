@@ -61,7 +61,9 @@ pub fn split_output(out: &[u8]) -> (&[u8], Option<i32>) {
         .copied()
         .take_while(|b| b.is_ascii_digit())
         .collect();
-    let status = std::str::from_utf8(&digits).ok().and_then(|s| s.parse().ok());
+    let status = std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|s| s.parse().ok());
     (&out[..at], status)
 }
 
@@ -85,10 +87,7 @@ mod tests {
     #[test]
     fn the_status_is_split_off_the_output() {
         let out = format!("running\n\n{EXIT_MARKER}7\n");
-        assert_eq!(
-            split_output(out.as_bytes()),
-            (&b"running\n"[..], Some(7))
-        );
+        assert_eq!(split_output(out.as_bytes()), (&b"running\n"[..], Some(7)));
         assert_eq!(split_output(b"cut short"), (&b"cut short"[..], None));
         // A script that prints the marker itself: the last one counts.
         let out = format!("\n{EXIT_MARKER}1\nmore\n{EXIT_MARKER}0\n");

@@ -147,7 +147,10 @@ impl Net {
     /// QEMU's tap and guest address (`ligera.ip=`): the port case's, which
     /// no ligera VM holds while QEMU runs.
     pub fn qemu_tap(&self) -> (String, String) {
-        (self.port_tap.clone(), format!("{PORT_VM}/24,{PORT_VM_HOST}"))
+        (
+            self.port_tap.clone(),
+            format!("{PORT_VM}/24,{PORT_VM_HOST}"),
+        )
     }
 
     /// Where the host side reaches the port case's server in `kind`: a new

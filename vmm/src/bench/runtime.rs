@@ -158,8 +158,9 @@ impl Runtime {
                     "{QEMU} is not installed (apt-get install qemu-system-x86)"
                 ));
             }
-            let parts = crate::sandbox::guest_parts(setup.image.as_deref(), setup.kernel.as_deref())
-                .map_err(|e| format!("cannot prepare its guest: {e}"))?;
+            let parts =
+                crate::sandbox::guest_parts(setup.image.as_deref(), setup.kernel.as_deref())
+                    .map_err(|e| format!("cannot prepare its guest: {e}"))?;
             Some(parts)
         } else {
             None
@@ -317,7 +318,8 @@ impl Runtime {
                     (Some(net), true) => Some(net),
                     _ => None,
                 };
-                let mut cmd = qemu_command(guest, setup, &scratch, net.map(|n| n.qemu_tap()), script);
+                let mut cmd =
+                    qemu_command(guest, setup, &scratch, net.map(|n| n.qemu_tap()), script);
                 if let Some(net) = net {
                     super::net::enter(&mut cmd, net.host_side()?);
                 }
@@ -366,25 +368,34 @@ fn qemu_command(
     // Without ACPI QEMU lists the virtio-mmio devices on the kernel's
     // command line, which this kernel reads (it has no ACPI); the agent ends
     // the VM through isa-debug-exit.
-    cmd.args(["-M", "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,acpi=off"])
-        .arg("-device")
-        .arg(format!(
-            "isa-debug-exit,iobase={:#x},iosize=1",
-            agent::oneshot::DEBUG_EXIT_PORT
-        ))
-        .args(["-enable-kvm", "-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .args([
-            "-cpu",
-            "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off,\
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,acpi=off",
+    ])
+    .arg("-device")
+    .arg(format!(
+        "isa-debug-exit,iobase={:#x},iosize=1",
+        agent::oneshot::DEBUG_EXIT_PORT
+    ))
+    .args([
+        "-enable-kvm",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot"])
+    .args([
+        "-cpu",
+        "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off,\
              kvm-pv-tlb-flush=off,kvm-pv-unhalt=off",
-        ])
-        .arg("-m")
-        .arg(format!("{}M", setup.memory >> 20))
-        .arg("-smp")
-        .arg(setup.cpus.to_string())
-        .arg("-kernel")
-        .arg(&guest.kernel);
+    ])
+    .arg("-m")
+    .arg(format!("{}M", setup.memory >> 20))
+    .arg("-smp")
+    .arg(setup.cpus.to_string())
+    .arg("-kernel")
+    .arg(&guest.kernel);
     // In /dev/vda, vdb, vdc order, as the agent expects them.
     for (id, path, readonly) in [
         ("agent", guest.agent_disk.as_path(), true),
