@@ -67,29 +67,7 @@ fn qemu_boots_the_same_guest_for_every_suite() {
         return;
     }
     let _one = one_at_a_time();
-    let kernel = kernel("vmlinux");
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-qemu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("out.json");
-    resources_output("build-bench-image.sh", &[]);
-    let (table, _, report) = bench_report(
-        &[
-            "--runtime",
-            "process,qemu",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--density",
-            "2",
-            "--duration",
-            "1s",
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ],
-        &json,
-    );
+    let (table, _, report) = linux_bench("process,qemu", "1");
     assert!(table.contains("qemu"), "{table}");
     // Each run boots the kernel before its command: far above a process;
     // the command's status and output come back through the serial port,
@@ -125,7 +103,39 @@ fn qemu_boots_the_same_guest_for_every_suite() {
     );
     assert!(median(&report, "density", "all-up", "qemu") > 0.0);
     assert_nothing_left();
+}
+
+/// Every suite on the bench image with the guest kernel, `runs` runs
+/// without warm-up, two instances for density, 1 s fixed-time runs.
+fn linux_bench(runtimes: &str, runs: &str) -> (String, String, serde_json::Value) {
+    let kernel = kernel("vmlinux");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "bench-{}-{}",
+        runtimes.replace(',', "-"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    resources_output("build-bench-image.sh", &[]);
+    let out = bench_report(
+        &[
+            "--runtime",
+            runtimes,
+            "--runs",
+            runs,
+            "--warmup",
+            "0",
+            "--density",
+            "2",
+            "--duration",
+            "1s",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+        &json,
+    );
     let _ = std::fs::remove_dir_all(&dir);
+    out
 }
 
 /// Nothing of a bench is left: scratch directories, runc containers and
@@ -556,29 +566,7 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         return;
     }
     let _one = one_at_a_time();
-    let kernel = kernel("vmlinux");
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-vm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("out.json");
-    resources_output("build-bench-image.sh", &[]);
-    let (_, stderr, report) = bench_report(
-        &[
-            "--runtime",
-            "process,runc,vm",
-            "--runs",
-            "2",
-            "--warmup",
-            "0",
-            "--density",
-            "2",
-            "--duration",
-            "1s",
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ],
-        &json,
-    );
+    let (_, stderr, report) = linux_bench("process,runc,vm", "2");
     // One VM for the suites that measure a running VM.
     assert_eq!(
         stderr.matches("starting a VM for the suites").count(),
@@ -647,5 +635,4 @@ fn the_vm_runs_beside_the_container_and_the_process() {
         );
     }
     assert_nothing_left();
-    let _ = std::fs::remove_dir_all(&dir);
 }
