@@ -120,19 +120,30 @@ fn run_oneshot(script: &str) -> io::Result<()> {
         .stdin(tty.try_clone()?)
         .stdout(tty.try_clone()?)
         .stderr(tty.try_clone()?);
-    // SAFETY: chroot and chdir are async-signal-safe.
+    // SAFETY: setsid, chroot and chdir are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
+            // A session of its own: what the script leaves running is
+            // killed before the status goes out, so nothing writes after it.
+            libc::setsid();
             if libc::chroot(c"/mnt/root".as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let code = match cmd.status() {
-        Ok(status) => status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+    let code = match cmd.spawn() {
+        Ok(mut child) => {
+            let status = child.wait();
+            // SAFETY: kill of the script's process group (its pid).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            match status {
+                Ok(status) => status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                Err(_) => 127,
+            }
+        }
         Err(e) => {
             eprintln!("ligera-agent: cannot run the script: {e}");
             127

@@ -144,10 +144,18 @@ pub fn lay_foundation(config: &VmConfig) -> Result<Foundation> {
     let kvm = open_kvm(config)?;
     let mem = match &config.restore {
         Some(source) => {
-            let file = std::fs::File::open(&source.memory).map_err(|e| BuildError::Restore {
+            let failed = |reason: String| BuildError::Restore {
                 path: source.state.clone(),
-                reason: format!("memory file {}: {e}", source.memory.display()),
-            })?;
+                reason: format!("memory file {}: {reason}", source.memory.display()),
+            };
+            let file = std::fs::File::open(&source.memory).map_err(|e| failed(e.to_string()))?;
+            if let Some(placed) = source.memory_id {
+                use std::os::unix::fs::MetadataExt;
+                let meta = file.metadata().map_err(|e| failed(e.to_string()))?;
+                if (meta.dev(), meta.ino()) != placed {
+                    return Err(failed("it changed while the jail was made".into()));
+                }
+            }
             crate::snapshot::map_memory(&file, &source.memory, &layout)?
         }
         None => map_guest_memory(&layout)?,

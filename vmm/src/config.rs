@@ -127,6 +127,11 @@ pub struct RestoreConfig {
     /// the jail does not bind the file.
     #[serde(skip)]
     pub read: ReadState,
+    /// The memory file's device and inode when the jail placed it: the
+    /// builder, which opens it by path outside the jail, checks that it
+    /// opened that file.
+    #[serde(skip)]
+    pub memory_id: Option<(u64, u64)>,
 }
 
 /// A state file already read and checked (see [`RestoreConfig::read`]).

@@ -163,6 +163,22 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// See [`VcpuHandle::set_up_watch`].
+pub struct SetUpWatch(Arc<Shared>);
+
+impl SetUpWatch {
+    /// Waits (at most `timeout`) until the thread is past its set-up, about
+    /// to enter the guest. Its set-up (installing its seccomp filter,
+    /// unblocking its kick signal) takes the process's signal lock, which
+    /// installing any thread's filter holds while the kernel prepares the
+    /// filter's cache (~0.3 ms on the development machines): a thread that
+    /// installs its own filter meanwhile holds the vCPU back from the guest.
+    pub fn wait_set_up(&self, timeout: Duration) {
+        let c = self.0.lock();
+        let _ = self.0.changed.wait_timeout_while(c, timeout, |c| !c.set_up);
+    }
+}
+
 /// Why a vCPU did not do what it was asked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LifecycleError {
@@ -200,18 +216,9 @@ impl VcpuHandle {
         }
     }
 
-    /// Waits (at most `timeout`) until the thread is past its set-up, about
-    /// to enter the guest. Its set-up (installing its seccomp filter,
-    /// unblocking its kick signal) takes the process's signal lock, which
-    /// installing any thread's filter holds while the kernel prepares the
-    /// filter's cache (~0.3 ms on the development machines): a thread that
-    /// installs its own filter meanwhile holds the vCPU back from the guest.
-    pub fn wait_set_up(&self, timeout: Duration) {
-        let c = self.shared.lock();
-        let _ = self
-            .shared
-            .changed
-            .wait_timeout_while(c, timeout, |c| !c.set_up);
+    /// A watch on the thread's set-up that holds no lock of the VMM's.
+    pub fn set_up_watch(&self) -> SetUpWatch {
+        SetUpWatch(self.shared.clone())
     }
 
     /// Asks the vCPU to pause; see [`VcpuHandle::wait_paused`].

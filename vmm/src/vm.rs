@@ -316,8 +316,12 @@ impl Vm {
         // This thread's filter after the vCPUs' own (see
         // VcpuHandle::wait_set_up); nothing here reads guest data until
         // the event loop runs.
-        for handle in lock(&self.control.vcpus).iter() {
-            handle.wait_set_up(Duration::from_millis(50));
+        let watches: Vec<_> = lock(&self.control.vcpus)
+            .iter()
+            .map(|h| h.set_up_watch())
+            .collect();
+        for watch in watches {
+            watch.wait_set_up(Duration::from_millis(50));
         }
         crate::seccomp::install(crate::seccomp::Role::Vmm)?;
 

@@ -18,6 +18,9 @@ use super::BenchError;
 /// Output kept per stream; workloads print a few lines.
 const OUTPUT_LIMIT: usize = 1 << 20;
 
+/// The last bytes of a stream kept apart (for a one-shot status line).
+const TAIL: usize = 64;
+
 /// The line a holding workload prints once it is up; it then waits for its
 /// stdin to close, so that its memory can be measured while it runs.
 pub const READY: &str = "ligera-bench-ready";
@@ -311,17 +314,17 @@ impl Runtime {
                 let Some(guest) = &self.guest else {
                     return Err(BenchError::Setup("QEMU's guest is not prepared".into()));
                 };
-                let scratch = setup.scratch.join(format!("qemu-{}.ext4", self.runs));
-                crate::image::scratch_disk(&scratch, QEMU_SCRATCH)
-                    .map_err(|e| BenchError::Setup(format!("QEMU's scratch disk: {e}")))?;
                 let net = match (&setup.net, job.net) {
-                    (Some(net), true) => Some(net),
+                    (Some(net), true) => Some((net.qemu_tap(), net.host_side()?)),
                     _ => None,
                 };
-                let mut cmd =
-                    qemu_command(guest, setup, &scratch, net.map(|n| n.qemu_tap()), script);
-                if let Some(net) = net {
-                    super::net::enter(&mut cmd, net.host_side()?);
+                let (tap, netns) = net.unzip();
+                let scratch = setup.scratch.join(format!("qemu-{}.ext4", self.runs));
+                let mut cmd = qemu_command(guest, setup, &scratch, tap, script)?;
+                crate::image::scratch_disk(&scratch, QEMU_SCRATCH)
+                    .map_err(|e| BenchError::Setup(format!("QEMU's scratch disk: {e}")))?;
+                if let Some(ns) = netns {
+                    super::net::enter(&mut cmd, ns);
                 }
                 let mut started = spawn(cmd, libc::SIGKILL, hold, Probe::Tree(None), None);
                 match &mut started {
@@ -355,7 +358,7 @@ fn qemu_command(
     scratch: &Path,
     tap: Option<(String, String)>,
     script: &str,
-) -> Command {
+) -> Result<Command, BenchError> {
     // Debian's QEMU on the nested kvm_pvm hosts: the machine without legacy
     // devices, and a CPU without what such a host cannot do (QEMU aborts on
     // MSR 0x10a, and PV features based on hypercalls never complete).
@@ -422,8 +425,16 @@ fn qemu_command(
     }
     cmdline.push_str(" ligera.run=");
     cmdline.push_str(&agent::oneshot::encode(script));
+    // x86's 2048 bytes, less what QEMU adds (a virtio_mmio.device= entry
+    // of ~40 bytes per device).
+    if cmdline.len() > 2048 - 256 {
+        return Err(BenchError::Setup(format!(
+            "the script is too long for QEMU's kernel command line ({} bytes)",
+            script.len()
+        )));
+    }
     cmd.arg("-append").arg(cmdline);
-    cmd
+    Ok(cmd)
 }
 
 /// What one run runs: a script for the image's `/bin/sh`, in the VM's
@@ -457,6 +468,10 @@ enum Probe {
     Cgroup(String),
 }
 
+/// What a run's stdout thread gathers: the output kept, the first output,
+/// the ready line, and the stream's last bytes.
+type Stdout = (Vec<u8>, Option<Duration>, Option<Duration>, Vec<u8>);
+
 /// An instance started and not yet waited for.
 pub struct Started {
     child: Child,
@@ -465,7 +480,7 @@ pub struct Started {
     /// Wakes (a message or a hang-up) once the run is ready or its
     /// stdout ended.
     ready: mpsc::Receiver<()>,
-    stdout: JoinHandle<(Vec<u8>, Option<Duration>, Option<Duration>)>,
+    stdout: JoinHandle<Stdout>,
     stderr: JoinHandle<Vec<u8>>,
     probe: Probe,
     container: Option<Container>,
@@ -602,6 +617,9 @@ fn spawn(
         // The last bytes read, so that a marker split across reads (or
         // after the output kept) is still seen.
         let mut window: Vec<u8> = Vec::new();
+        // The stream's end, wherever the output kept stops: a one-shot
+        // status line is its last line.
+        let mut tail: Vec<u8> = Vec::new();
         loop {
             match stdout.read(&mut buf) {
                 Ok(0) => break,
@@ -610,6 +628,8 @@ fn spawn(
                     if out.len() < OUTPUT_LIMIT {
                         out.extend_from_slice(&buf[..n.min(OUTPUT_LIMIT - out.len())]);
                     }
+                    tail.extend_from_slice(&buf[..n]);
+                    tail.drain(..tail.len().saturating_sub(TAIL));
                     window.extend_from_slice(&buf[..n]);
                     let seen = window.windows(marker.len()).any(|w| w == marker.as_bytes());
                     let keep = window.len().saturating_sub(marker.len() - 1);
@@ -625,7 +645,7 @@ fn spawn(
                 Err(_) => break,
             }
         }
-        (out, first_output, ready)
+        (out, first_output, ready, tail)
     });
     Ok(Started {
         stdin: child.stdin.take(),
@@ -703,7 +723,7 @@ pub fn finish(
             scratch,
             ..
         } = s;
-        let (mut out, first_output, ready) = stdout.join().unwrap_or_default();
+        let (mut out, first_output, ready, tail) = stdout.join().unwrap_or_default();
         let status = child.wait();
         let exit = start.elapsed();
         if STOPPING.load(Ordering::SeqCst) {
@@ -732,11 +752,14 @@ pub fn finish(
             let _ = std::fs::remove_file(file);
         }
         // QEMU's status is its own; the script's follows its output.
+        // The status is read from the stream's last bytes (output beyond
+        // what is kept cannot hide it, nor an early fake one stand for it).
         let status = if oneshot {
-            let (script_out, script_status) = agent::oneshot::split_output(&out);
-            let len = script_out.len();
+            let len = agent::oneshot::split_output(&out).0.len();
             out.truncate(len);
-            script_status.unwrap_or(if status == 0 { 255 } else { status })
+            agent::oneshot::split_output(&tail)
+                .1
+                .unwrap_or(if status == 0 { 255 } else { status })
         } else {
             status
         };

@@ -819,6 +819,7 @@ pub fn snapshot_load_config(body: SnapshotLoad, seccomp: bool) -> Result<(VmConf
         state: body.snapshot_path,
         memory,
         read: crate::config::ReadState(Some(snapshot)),
+        memory_id: None,
     });
     Ok((config, !body.resume_vm.unwrap_or(false)))
 }

@@ -251,11 +251,12 @@ fn place(config: &mut VmConfig) -> Result<(Vec<Mount>, Vec<PathBuf>), String> {
     let mut mounts = Vec::new();
     if let Some(restore) = &mut config.restore {
         // A restored VM reads its snapshot, not its kernel.
+        // Both are read by `start`'s `lay`, before the jail's root is made.
         restore.state = regular("--state", &restore.state, false)?;
-        if restore.read.0.is_none() {
-            mounts.push(file(restore.state.clone(), false));
-        }
         restore.memory = regular("--memory", &restore.memory, false)?;
+        restore.memory_id = std::fs::metadata(&restore.memory)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
     } else {
         config.kernel = regular("--kernel", &config.kernel, false)?;
         mounts.push(file(config.kernel.clone(), false));

@@ -84,6 +84,7 @@ pub fn restore_from_template(config: &mut VmConfig) -> Result<(), String> {
         state: template.state,
         memory: template.memory,
         read: crate::config::ReadState(read.map(std::sync::Arc::new)),
+        memory_id: None,
     });
     Ok(())
 }

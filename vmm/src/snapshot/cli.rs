@@ -150,6 +150,7 @@ pub fn restore_config(
         state: args.state,
         memory: args.memory,
         read: crate::config::ReadState(Some(snapshot)),
+        memory_id: None,
     });
     Ok((config, args.jail))
 }
