@@ -127,20 +127,15 @@ pub fn lay_foundation(config: &VmConfig) -> Result<Foundation> {
         }),
         None => None,
     };
-    let layout = match (&config.restore, &snapshot) {
-        (Some(source), Some(snapshot)) => {
-            if snapshot.config.vcpus != config.vcpus || snapshot.config.mem_size != config.mem_size
-            {
-                return Err(BuildError::Restore {
-                    path: source.state.clone(),
-                    reason: "the configuration does not match the snapshot's (vCPUs, memory)"
-                        .into(),
-                });
-            }
-            check_config(config)?
-        }
-        _ => check_config(config)?,
-    };
+    if let (Some(source), Some(snapshot)) = (&config.restore, &snapshot)
+        && (snapshot.config.vcpus != config.vcpus || snapshot.config.mem_size != config.mem_size)
+    {
+        return Err(BuildError::Restore {
+            path: source.state.clone(),
+            reason: "the configuration does not match the snapshot's (vCPUs, memory)".into(),
+        });
+    }
+    let layout = check_config(config)?;
     let kvm = open_kvm(config)?;
     let mem = match &config.restore {
         Some(source) => {

@@ -314,7 +314,7 @@ impl Vm {
             f();
         }
         // This thread's filter after the vCPUs' own (see
-        // VcpuHandle::wait_set_up); nothing here reads guest data until
+        // SetUpWatch::wait_set_up); nothing here reads guest data until
         // the event loop runs.
         let watches: Vec<_> = lock(&self.control.vcpus)
             .iter()

@@ -101,8 +101,7 @@ pub fn install(role: Role) -> Result<(), String> {
     if ENABLED.get().is_none() {
         return Ok(());
     }
-    let index = Role::ALL.iter().position(|&r| r == role).unwrap_or(0);
-    match FILTERS[index].get_or_init(|| compile(role)) {
+    match filter(role) {
         Ok(program) => apply(role, program),
         Err(e) => Err(e.clone()),
     }
@@ -110,8 +109,13 @@ pub fn install(role: Role) -> Result<(), String> {
 
 /// Compiles `role`'s filter ahead of [`install`] (an error is kept for it).
 pub fn prepare(role: Role) {
+    filter(role);
+}
+
+/// `role`'s filter, compiled the first time it is asked for.
+fn filter(role: Role) -> &'static Result<BpfProgram, String> {
     let index = Role::ALL.iter().position(|&r| r == role).unwrap_or(0);
-    FILTERS[index].get_or_init(|| compile(role));
+    FILTERS[index].get_or_init(|| compile(role))
 }
 
 /// Names `role` as the calling thread's, for a thread that runs under the
