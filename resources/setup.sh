@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 # Every Debian package the build, the tests and the benchmarks use.
 PACKAGES=(
     build-essential binutils python3        # ligera's test guests, benchmark launcher
+    musl-tools                              # ligera links against musl (.cargo/config.toml): ring's C
     linux-source-6.1 bc flex bison libelf-dev cpio lz4 xz-utils  # guest kernel
     busybox-static                          # initramfs
     qemu-system-x86                         # the benchmark's peer
@@ -41,6 +42,18 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is not usable by $(id -un): ligera needs KVM" >&2
 fi
 
+# ligera is built for musl (.cargo/config.toml): its standard library comes
+# from rustup, once per toolchain.
+target=x86_64-unknown-linux-musl
+if [ ! -d "$(rustc --print sysroot)/lib/rustlib/$target" ]; then
+    if ! command -v rustup >/dev/null; then
+        echo "setup: the Rust toolchain lacks the $target target, and rustup is not there to add it" >&2
+        exit 1
+    fi
+    echo "setup: adding the Rust target $target (~40 MB download)" >&2
+    rustup target add "$target"
+fi
+
 echo "setup: building ligera" >&2
 cargo build --release
 
@@ -59,5 +72,5 @@ if [ "${1:-}" = "--no-demo" ]; then
 fi
 echo "setup: booting the demo guest: 2 vCPUs, 256 MiB; it prints LIGERA-INIT-OK and reboots" >&2
 set -x
-exec target/x86_64-unknown-linux-gnu/release/ligera run --kernel "$kernel_dir/vmlinux" --initrd "$initrd" \
+exec target/$target/release/ligera run --kernel "$kernel_dir/vmlinux" --initrd "$initrd" \
     --cpus 2 --memory 256M

@@ -522,8 +522,8 @@ trait ReadTimeout {
 impl ReadTimeout for File {
     fn set_read_timeout_compat(&self, timeout: Duration) -> io::Result<()> {
         let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+            tv_sec: timeout.as_secs() as _,
+            tv_usec: timeout.subsec_micros() as _,
         };
         // SAFETY: setsockopt reads a timeval of the given size.
         let ret = unsafe {
@@ -908,7 +908,7 @@ fn oom_killed(pid: libc::pid_t) -> bool {
 fn apply_setup(setup: &Setup) -> io::Result<()> {
     if let Some(ns) = setup.realtime_ns {
         let ts = libc::timespec {
-            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_sec: (ns / 1_000_000_000) as _,
             tv_nsec: (ns % 1_000_000_000) as libc::c_long,
         };
         // SAFETY: clock_settime reads a valid timespec.
@@ -931,7 +931,7 @@ fn apply_setup(setup: &Setup) -> io::Result<()> {
         // RNDADDENTROPY = _IOW('R', 0x03, int[2])
         const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
         // SAFETY: the ioctl reads a rand_pool_info of the length it declares.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // And reseed from the pool now, not at the next scheduled reseed:
@@ -939,7 +939,7 @@ fn apply_setup(setup: &Setup) -> io::Result<()> {
         // RNDRESEEDCRNG = _IO('R', 0x07)
         const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
         // SAFETY: the ioctl takes no argument.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }

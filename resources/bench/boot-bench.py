@@ -167,7 +167,7 @@ def median_ms(xs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ligera", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/ligera"))
+    ap.add_argument("--ligera", default=os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/ligera"))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--memory", default="128", help="guest MiB for the tiny guest")
     ap.add_argument("--linux", action="store_true", help="also time a Linux boot to init")

@@ -184,7 +184,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ligera", default=os.path.join(
-        ROOT, "target/x86_64-unknown-linux-gnu/release/ligera"))
+        ROOT, "target/x86_64-unknown-linux-musl/release/ligera"))
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--memory", type=int, default=256, help="guest MiB")
     ap.add_argument("--image", help="image for the sandbox and runc (default: the busybox "

@@ -350,7 +350,7 @@ def show(name, xs, unit="ms"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ligera", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/ligera"))
+    ap.add_argument("--ligera", default=os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/ligera"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--density", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: restore,sandbox,density,api")

@@ -359,7 +359,7 @@ fn recv_with_fds(
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE((MAX_FDS * FD) as u32) } as usize;
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE((MAX_FDS * FD) as u32) } as _;
     // SAFETY: recvmsg on our socket into the buffers described by `msg`.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {

@@ -421,7 +421,7 @@ fn fd_message(iov: &mut libc::iovec, control: &mut [u8; FD_SPACE]) -> libc::msgh
     msg.msg_iov = iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
+    msg.msg_controllen = control.len() as _;
     msg
 }
 
@@ -436,11 +436,11 @@ fn send_fd(socket: i32, fd: i32) {
     // SAFETY: the control buffer is ours and large enough for one
     // SCM_RIGHTS descriptor (CMSG_SPACE(4) is 24 on x86_64).
     unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
         libc::sendmsg(socket, &msg, libc::MSG_DONTWAIT);
     }

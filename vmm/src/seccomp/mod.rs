@@ -351,6 +351,16 @@ vmm_sys_util::ioctl_ior_nr!(
 
 fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     use libc::*;
+    // ioctl requests as the filter compares them (libc types them c_ulong
+    // on glibc, c_int on musl).
+    const FIONBIO: u64 = libc::FIONBIO as u64;
+    const TCGETS: u64 = libc::TCGETS as u64;
+    const TCSETS: u64 = libc::TCSETS as u64;
+    const TCSETSW: u64 = libc::TCSETSW as u64;
+    const TCSETSF: u64 = libc::TCSETSF as u64;
+    const TIOCGWINSZ: u64 = libc::TIOCGWINSZ as u64;
+    const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
+    const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ as u64;
     let mut l = List::default();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { getpid() } as u64;
@@ -404,8 +414,16 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             &[(0, Len::Dword, Op::Eq, 0), (1, Len::Dword, Op::Eq, request)],
         )?;
     }
-    // Signals only to our own threads (vCPU kicks, abort).
+    // Signals only to our own threads (vCPU kicks, abort). musl's
+    // pthread_kill and raise use tkill, which names no process: there only
+    // the kick and SIGABRT may be sent (and the jail's user owns nothing
+    // else to signal).
     l.allow_if(SYS_tgkill, &[(0, Len::Dword, Op::Eq, pid)])?;
+    l.allow_values(
+        SYS_tkill,
+        1,
+        &[crate::vcpu::kick_signal() as u64, SIGABRT as u64],
+    )?;
 
     // Unix socket traffic on sockets already open or accepted: the vsock
     // host side, the control socket, the agent.
@@ -449,8 +467,18 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
         l.allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl]);
     };
     // Starting threads (the sandbox client starts its stdin and window-size
-    // threads): clone3's flags are in memory, out of a filter's reach.
+    // threads): musl's pthread_create calls clone, allowed only for a
+    // thread (clone3's flags are in memory, out of a filter's reach).
     let threads = |l: &mut List| -> Result<(), seccompiler::BackendError> {
+        l.allow_if(
+            SYS_clone,
+            &[(
+                0,
+                Len::Qword,
+                Op::MaskedEq(CLONE_THREAD as u64),
+                CLONE_THREAD as u64,
+            )],
+        )?;
         l.allow(&[
             SYS_clone3,
             SYS_set_robust_list,
@@ -529,10 +557,16 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 // The console log's tail, for an error message.
                 SYS_pread64,
             ]);
+            // (musl's open is the open call, with the flags one argument
+            // earlier than openat's.)
             let open_mask = (O_DIRECTORY | O_CREAT | O_WRONLY | O_RDWR | O_TRUNC) as u64;
             l.allow_if(
                 SYS_openat,
                 &[(2, Len::Dword, Op::MaskedEq(open_mask), O_DIRECTORY as u64)],
+            )?;
+            l.allow_if(
+                SYS_open,
+                &[(1, Len::Dword, Op::MaskedEq(open_mask), O_DIRECTORY as u64)],
             )?;
             // The teardown child (vm.rs: hand_off_teardown) and what it does.
             l.allow_if(
@@ -564,6 +598,7 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             ]);
             let open_mask = (O_DIRECTORY | O_PATH) as u64;
             l.allow_if(SYS_openat, &[(2, Len::Dword, Op::MaskedEq(open_mask), 0)])?;
+            l.allow_if(SYS_open, &[(1, Len::Dword, Op::MaskedEq(open_mask), 0)])?;
         }
         Role::Console => {}
         Role::Sandbox => {

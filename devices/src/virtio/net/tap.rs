@@ -96,7 +96,7 @@ impl Tap {
         }
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
-        let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
+        let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF as _, &mut ifr) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -116,7 +116,7 @@ impl Tap {
         };
         let hdr_len = HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
-        let ret = unsafe { ioctl_with_ref(&tap.file, libc::TUNSETVNETHDRSZ, &hdr_len) };
+        let ret = unsafe { ioctl_with_ref(&tap.file, libc::TUNSETVNETHDRSZ as _, &hdr_len) };
         if ret < 0 {
             return Err(tap.ioctl_error("set the virtio-net header size"));
         }
@@ -143,8 +143,13 @@ impl Tap {
     /// with none, the kernel hands over only complete, checksummed frames.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let ret =
-            unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        let ret = unsafe {
+            ioctl_with_val(
+                &self.file,
+                libc::TUNSETOFFLOAD as _,
+                libc::c_ulong::from(flags),
+            )
+        };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
