@@ -551,6 +551,9 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 SYS_rmdir,
                 SYS_getdents64,
                 SYS_newfstatat,
+                // musl's stat and lstat of a path.
+                SYS_stat,
+                SYS_lstat,
                 SYS_statx,
                 SYS_fstat,
                 SYS_lseek,
@@ -594,6 +597,9 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 SYS_mincore,
                 SYS_fstat,
                 SYS_newfstatat,
+                // musl's stat and lstat of a path.
+                SYS_stat,
+                SYS_lstat,
                 SYS_statx,
             ]);
             let open_mask = (O_DIRECTORY | O_PATH) as u64;
