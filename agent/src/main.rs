@@ -929,17 +929,17 @@ fn apply_setup(setup: &Setup) -> io::Result<()> {
             .write(true)
             .open("/dev/random")?;
         // RNDADDENTROPY = _IOW('R', 0x03, int[2])
-        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+        const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
         // SAFETY: the ioctl reads a rand_pool_info of the length it declares.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // And reseed from the pool now, not at the next scheduled reseed:
         // clones of one snapshot must part ways from the next random byte.
         // RNDRESEEDCRNG = _IO('R', 0x07)
-        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+        const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
         // SAFETY: the ioctl takes no argument.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }

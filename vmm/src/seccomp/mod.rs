@@ -254,6 +254,20 @@ impl List {
         }
         Ok(())
     }
+
+    /// Allows opening a path when its flags under `mask` are `flags`:
+    /// through openat, and through open, which musl's open() calls (the
+    /// flags one argument earlier).
+    fn allow_open(&mut self, mask: u64, flags: u64) -> Result<(), seccompiler::BackendError> {
+        self.allow_if(
+            libc::SYS_openat,
+            &[(2, Len::Dword, Op::MaskedEq(mask), flags)],
+        )?;
+        self.allow_if(
+            libc::SYS_open,
+            &[(1, Len::Dword, Op::MaskedEq(mask), flags)],
+        )
+    }
 }
 
 fn no_exec(arg: u8) -> Cond {
@@ -466,6 +480,11 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
     let epoll = |l: &mut List| {
         l.allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl]);
     };
+    // A file's metadata, by descriptor or path (musl's stat and lstat of a
+    // path are the stat and lstat calls).
+    let stat = |l: &mut List| {
+        l.allow(&[SYS_fstat, SYS_newfstatat, SYS_stat, SYS_lstat, SYS_statx]);
+    };
     // Starting threads (the sandbox client starts its stdin and window-size
     // threads): musl's pthread_create calls clone, allowed only for a
     // thread (clone3's flags are in memory, out of a filter's reach).
@@ -550,27 +569,13 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 SYS_unlinkat,
                 SYS_rmdir,
                 SYS_getdents64,
-                SYS_newfstatat,
-                // musl's stat and lstat of a path.
-                SYS_stat,
-                SYS_lstat,
-                SYS_statx,
-                SYS_fstat,
                 SYS_lseek,
                 // The console log's tail, for an error message.
                 SYS_pread64,
             ]);
-            // (musl's open is the open call, with the flags one argument
-            // earlier than openat's.)
+            stat(&mut l);
             let open_mask = (O_DIRECTORY | O_CREAT | O_WRONLY | O_RDWR | O_TRUNC) as u64;
-            l.allow_if(
-                SYS_openat,
-                &[(2, Len::Dword, Op::MaskedEq(open_mask), O_DIRECTORY as u64)],
-            )?;
-            l.allow_if(
-                SYS_open,
-                &[(1, Len::Dword, Op::MaskedEq(open_mask), O_DIRECTORY as u64)],
-            )?;
+            l.allow_open(open_mask, O_DIRECTORY as u64)?;
             // The teardown child (vm.rs: hand_off_teardown) and what it does.
             l.allow_if(
                 SYS_clone,
@@ -590,21 +595,9 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 1,
                 &[KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()],
             )?;
-            l.allow(&[
-                SYS_ftruncate,
-                SYS_pwrite64,
-                SYS_fsync,
-                SYS_mincore,
-                SYS_fstat,
-                SYS_newfstatat,
-                // musl's stat and lstat of a path.
-                SYS_stat,
-                SYS_lstat,
-                SYS_statx,
-            ]);
-            let open_mask = (O_DIRECTORY | O_PATH) as u64;
-            l.allow_if(SYS_openat, &[(2, Len::Dword, Op::MaskedEq(open_mask), 0)])?;
-            l.allow_if(SYS_open, &[(1, Len::Dword, Op::MaskedEq(open_mask), 0)])?;
+            l.allow(&[SYS_ftruncate, SYS_pwrite64, SYS_fsync, SYS_mincore]);
+            stat(&mut l);
+            l.allow_open((O_DIRECTORY | O_PATH) as u64, 0)?;
         }
         Role::Console => {}
         Role::Sandbox => {
